@@ -1,0 +1,319 @@
+"""The result store: every trained model's logits, one row per run, resumable and shard-safe.
+
+An experiment folder holds one or more *parts*. A part is three files written by exactly one
+process: `full.npy` and `ablated.npy`, float16 arrays of shape (rows, n_train, 10) preallocated
+with `np.lib.format`, and `meta.json`, which says which run slot each row holds and which rows
+are complete. A single process writes the part at the top of the folder, so
+`np.load('logits/airbench/full.npy', mmap_mode='r')[i]` is run i's logits. Under torchrun or a
+SLURM array, process k of W writes its own part in `shards/k-of-W/`, so no two processes ever
+write the same file. `read_experiment` merges all parts.
+
+Crash safety: a row is written with a plain file write and fsync'd *before* meta.json marks it
+complete, and meta.json is replaced atomically. A crash at any moment therefore loses at most
+the rows in flight, and a half-written row is never counted.
+
+This module needs only numpy, so that viz.py can read results without importing torch.
+"""
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+
+import numpy as np
+
+ARMS = ('full', 'ablated')
+NUM_CLASSES = 10
+DTYPE = np.dtype('<f2')  # float16 halves the size; margins are computed in float32 later
+FORMAT_VERSION = 1
+
+
+class StoreError(Exception):
+    """A problem with the stored results that the user has to resolve; the message says how."""
+
+
+# -----------------------------------------------------------------------------
+#                                 Small file helpers
+
+def write_json_atomic(path, obj):
+    """Write JSON so that `path` holds either the old or the new contents, never a mix."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise StoreError(f'{path} is truncated or corrupt ({e}); restore it or delete the '
+                         f'part folder it belongs to') from None
+
+
+def sha256_file(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def save_sources(out, paths):
+    """Copy the code that made these results into OUT/source/<hash>/; returns the hash."""
+    digest = hashlib.sha256(b''.join(open(p, 'rb').read() for p in sorted(paths))).hexdigest()[:12]
+    folder = os.path.join(out, 'source', digest)
+    os.makedirs(folder, exist_ok=True)
+    for p in paths:
+        target = os.path.join(folder, os.path.basename(p))
+        if not os.path.exists(target):
+            tmp = f'{target}.tmp{os.getpid()}'
+            shutil.copyfile(p, tmp)
+            os.replace(tmp, target)
+    return digest
+
+
+# -----------------------------------------------------------------------------
+#                                 One part
+
+def _npy_header(rows, n_train):
+    """The .npy header bytes for a (rows, n_train, 10) float16 array."""
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, dict(descr=np.lib.format.dtype_to_descr(DTYPE), fortran_order=False,
+                  shape=(rows, n_train, NUM_CLASSES)))
+    return buf.getvalue()
+
+
+def _create_array(path, rows, n_train, copy_rows_from=None):
+    """Create (atomically) a zero-filled array file; optionally carry rows over from an old one."""
+    header = _npy_header(rows, n_train)
+    row_bytes = n_train * NUM_CLASSES * DTYPE.itemsize
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(header)
+            f.truncate(len(header) + rows * row_bytes)  # sparse: unwritten rows take no disk
+            if copy_rows_from is not None:
+                old_path, old_rows = copy_rows_from
+                old = np.load(old_path, mmap_mode='r')
+                for r in old_rows:
+                    f.seek(len(header) + r * row_bytes)
+                    f.write(np.ascontiguousarray(old[r]).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def open_array(path, expect_rows=None, expect_n_train=None):
+    """Memory-map a stored array read-only, with a clear error if it is damaged."""
+    try:
+        arr = np.load(path, mmap_mode='r')
+    except FileNotFoundError:
+        raise StoreError(f'{path} is missing') from None
+    except (ValueError, OSError, EOFError) as e:
+        raise StoreError(f'{path} is truncated or corrupt ({e})') from None
+    ok = arr.dtype == DTYPE and arr.ndim == 3 and arr.shape[2] == NUM_CLASSES
+    ok = ok and (expect_rows is None or arr.shape[0] >= expect_rows)
+    ok = ok and (expect_n_train is None or arr.shape[1] == expect_n_train)
+    if not ok:
+        raise StoreError(f'{path} has shape {arr.shape} and dtype {arr.dtype}; expected '
+                         f'({expect_rows}, {expect_n_train}, {NUM_CLASSES}) float16')
+    return arr
+
+
+class Part:
+    """The part of an experiment that one process writes: two arrays and a meta.json."""
+
+    def __init__(self, folder, meta):
+        self.folder = folder
+        self.meta = meta
+
+    @property
+    def meta_path(self):
+        return os.path.join(self.folder, 'meta.json')
+
+    def array_path(self, arm):
+        return os.path.join(self.folder, f'{arm}.npy')
+
+    def rows(self, arm):
+        return self.meta['rows'][arm]
+
+    def complete_rows(self, arm):
+        return [i for i, row in enumerate(self.rows(arm)) if row['complete']]
+
+    def slots_done(self, arm):
+        return {row['slot'] for row in self.rows(arm) if row['complete']}
+
+    def _save_meta(self):
+        write_json_atomic(self.meta_path, self.meta)
+
+    def add_slots(self, arm, slots):
+        """Give this part rows for more run slots, growing its array (used when --runs grows)."""
+        old_rows = self.rows(arm)
+        new = [s for s in slots if s not in {row['slot'] for row in old_rows}]
+        if not new:
+            return
+        path = self.array_path(arm)
+        keep = self.complete_rows(arm) if os.path.exists(path) else []
+        _create_array(path, len(old_rows) + len(new), self.meta['n_train'],
+                      copy_rows_from=(path, keep) if keep else None)
+        old_rows.extend(dict(slot=s, complete=False) for s in new)
+        self._save_meta()
+
+    def write_row(self, arm, slot, logits, record):
+        """Store one run's logits, then mark it complete. Logits: (n_train, 10), any float dtype."""
+        row_index = next(i for i, row in enumerate(self.rows(arm)) if row['slot'] == slot)
+        n_train = self.meta['n_train']
+        logits = np.ascontiguousarray(np.asarray(logits, dtype=DTYPE))
+        assert logits.shape == (n_train, NUM_CLASSES), logits.shape
+        path = self.array_path(arm)
+        offset = len(_npy_header(len(self.rows(arm)), n_train)) + row_index * logits.nbytes
+        with open(path, 'r+b') as f:  # a plain write, not a memmap: a full disk raises, not SIGBUS
+            f.seek(offset)
+            f.write(logits.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows(arm)[row_index] = dict(slot=slot, complete=True, **record)
+        self._save_meta()
+
+
+def _part_folder(out, shard, num_shards):
+    return out if num_shards == 1 else os.path.join(out, 'shards', f'{shard}-of-{num_shards}')
+
+
+def find_parts(out):
+    """All parts of the experiment in `out`, the top-level one first."""
+    folders = [out] if os.path.exists(os.path.join(out, 'meta.json')) else []
+    shard_root = os.path.join(out, 'shards')
+    if os.path.isdir(shard_root):
+        for name in sorted(os.listdir(shard_root)):
+            if os.path.exists(os.path.join(shard_root, name, 'meta.json')):
+                folders.append(os.path.join(shard_root, name))
+    parts = []
+    for folder in folders:
+        meta = read_json(os.path.join(folder, 'meta.json'))
+        if not isinstance(meta, dict) or meta.get('format') != FORMAT_VERSION or 'rows' not in meta:
+            raise StoreError(f'{folder}/meta.json is not a meta.json written by this code')
+        parts.append(Part(folder, meta))
+    return parts
+
+
+def config_differences(stored, current, ignore=()):
+    """Human-readable differences between two configs, skipping keys that may change."""
+    keys = sorted((set(stored) | set(current)) - set(ignore))
+    return [f'{k}: stored {stored.get(k, "<absent>")!r}, now {current.get(k, "<absent>")!r}'
+            for k in keys if stored.get(k, '<absent>') != current.get(k, '<absent>')]
+
+
+# -----------------------------------------------------------------------------
+#                                 Opening an experiment for writing
+
+def open_for_writing(out, config, n_train, runs, shard=0, num_shards=1, ignore_keys=(),
+                     session=None, labels=None):
+    """Open (or create) this process's part, and return it with the (arm, slot) pairs to train.
+
+    labels: the class labels of the excluded examples, {index: label}, kept so that viz.py can
+    compute margins without loading the dataset.
+    Run slots 0..runs-1 exist in each arm; this process takes the slots s with
+    s % num_shards == shard that no other part has completed. Runs are alternated between arms
+    (full 0, ablated 0, full 1, ...) so that a partial experiment stays balanced.
+    """
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise StoreError(f'output folder {out} is not writable')
+    parts = find_parts(out)
+    for part in parts:
+        diff = config_differences(part.meta['config'], config, ignore_keys)
+        if diff:
+            raise StoreError(f'{part.meta_path} was made with different settings: '
+                             + '; '.join(diff) + '. Use another --out, or restore the settings.')
+        if part.meta['n_train'] != n_train:
+            raise StoreError(f'{part.meta_path} stores {part.meta["n_train"]} training images, '
+                             f'the data now has {n_train}')
+    folder = _part_folder(out, shard, num_shards)
+    mine = next((p for p in parts if os.path.abspath(p.folder) == os.path.abspath(folder)), None)
+    done_elsewhere = {arm: set().union(*(p.slots_done(arm) for p in parts if p is not mine))
+                      for arm in ARMS}
+    wanted = {arm: [s for s in range(runs) if s % num_shards == shard
+                    and s not in done_elsewhere[arm]] for arm in ARMS}
+
+    if mine is None:
+        os.makedirs(folder, exist_ok=True)
+        mine = Part(folder, dict(format=FORMAT_VERSION, config=config, n_train=n_train,
+                                 labels={str(i): int(y) for i, y in (labels or {}).items()},
+                                 sessions=[], rows={arm: [] for arm in ARMS}))
+    if session is not None:
+        mine.meta['sessions'].append(dict(session, started=time.strftime('%Y-%m-%dT%H:%M:%S'),
+                                          host=socket.gethostname(), pid=os.getpid()))
+    mine._save_meta()  # before growing the arrays: a meta.json without rows is a valid part
+    for arm in ARMS:
+        mine.add_slots(arm, wanted[arm])
+        open_array(mine.array_path(arm), len(mine.rows(arm)), n_train)  # fail early if damaged
+
+    row_bytes = n_train * NUM_CLASSES * DTYPE.itemsize
+    todo = [(arm, s) for s in range(runs) for arm in ARMS
+            if s in wanted[arm] and s not in mine.slots_done(arm)]
+    need = len(todo) * row_bytes
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise StoreError(f'{folder} needs {need / 1e9:.2f} GB for {len(todo)} rows but the disk '
+                         f'has {free / 1e9:.2f} GB free')
+    return mine, todo
+
+
+# -----------------------------------------------------------------------------
+#                                 Reading an experiment
+
+def read_experiment(out):
+    """The config and the complete runs of each arm, merged over all parts.
+
+    Returns (meta, runs): meta is the first part's meta.json (config, labels, n_train) and
+    runs[arm] a list of dicts (the row record plus 'part' and
+    'row'), sorted by slot. A slot completed by two parts (possible only when two launches with
+    different shard counts overlapped) is counted once.
+    """
+    if not os.path.isdir(out):
+        raise StoreError(f'{out} does not exist; train first (python trainer_airbench.py)')
+    parts = find_parts(out)
+    if not parts:
+        raise StoreError(f'{out} holds no meta.json: it is not an experiment folder, or no run '
+                         f'has started there yet')
+    runs = {}
+    for arm in ARMS:
+        seen = {}
+        for part in parts:
+            for i in part.complete_rows(arm):
+                row = part.rows(arm)[i]
+                seen.setdefault(row['slot'], dict(row, arm=arm, part=part, row=i))
+        runs[arm] = [seen[s] for s in sorted(seen)]
+    return parts[0].meta, runs
+
+
+def gather_logits(runs, columns):
+    """Logits of the given runs at the given training-image columns: (len(runs), len(columns), 10).
+
+    Reads only those columns through memory maps, so a 1 GB arm costs a few MB of I/O.
+    """
+    columns = np.asarray(columns)
+    out = np.empty((len(runs), len(columns), NUM_CLASSES), DTYPE)
+    by_part = {}
+    for i, run in enumerate(runs):
+        by_part.setdefault(run['part'].folder, (run['part'], []))[1].append((i, run['row']))
+    for part, pairs in by_part.values():
+        arm = runs[pairs[0][0]]['arm']
+        arr = open_array(part.array_path(arm), len(part.rows(arm)), part.meta['n_train'])
+        dest, rows = map(np.array, zip(*pairs))
+        out[dest] = arr[rows[:, None], columns[None, :]]
+    return out
