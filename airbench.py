@@ -621,7 +621,8 @@ class Stop(Exception):
 def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, doc=None):
     """Train config['runs'] models in each arm and store their logits; resumable.
 
-    name: the experiment's folder under logits/ (default preset) and its prefix otherwise.
+    name: the experiment's folder under logits/ for the default preset (the preset is appended
+    otherwise); a function of the config, or a string.
     train_fn(data, seeds, train_indices, config, device, on_step) -> K-wide net.
     source_files: the code that defines the experiment, saved with the results.
     """
@@ -630,7 +631,7 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
         raise SystemExit(f'error: --runs must be positive, got {config["runs"]}')
     if not config['out']:
         suffix = '' if config['preset'] == 'default' else '_' + config['preset']
-        config['out'] = os.path.join('logits', name + suffix)
+        config['out'] = os.path.join('logits', (name(config) if callable(name) else name) + suffix)
     shard, num_shards, local_rank = shard_from_env()
     device = pick_device(config['device'] or ('cuda:%d' % local_rank if num_shards > 1
                                               and torch.cuda.is_available() else ''))
