@@ -466,11 +466,8 @@ def train_airbench94(data, seeds, train_indices, config, device, on_step=None):
     data: dict from `prepare_data` (dataset on the device, plus 'full_size' and
     'shared_indices'). Returns the K-wide network with its final (lookahead-averaged) weights.
     """
-    K = len(seeds)
     batch_size = config['batch_size']
-    steps = total_steps(config['epochs'], data['full_size'], batch_size)
-    steps_per_epoch = data['full_size'] // batch_size
-    whiten_bias_steps = math.ceil(config['whiten_bias_epochs'] * steps_per_epoch)
+    whiten_bias_steps = math.ceil(config['whiten_bias_epochs'] * (data['full_size'] // batch_size))
 
     # Data-dependent init from images that are in both arms and never among the excluded
     # examples, so that the ablated arm does not see them even through its initialisation.
@@ -503,31 +500,52 @@ def train_airbench94(data, seeds, train_indices, config, device, on_step=None):
               dict(params=whiten_bias, base_lr=lr, weight_decay=wd / lr, until=whiten_bias_steps)]
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
     lookahead = Lookahead(net)
-    aug = dict(flip=config['flip'], translate=config['translate'], cutout=config['cutout'],
-               pad_mode='reflect')
-    plans = [batch_plans(idx, seed, batch_size, steps, len(data['train_images']))
-             for seed, idx in zip(seeds, train_indices)]
+    every = config['ema_every']
 
+    def after_step(step, steps):
+        if step % every == 0:
+            lookahead.update(config['ema_rate'] ** every * (step / steps) ** 3)
+
+    run_training(net, optimizer, data, seeds, train_indices, config, device,
+                 schedule=lr_multiplier_airbench, reduction='sum', pad_mode='reflect',
+                 on_step=on_step, after_step=after_step)
+    lookahead.update(1.0)  # the final weights are the averaged ones
+    return net
+
+
+def run_training(net, optimizer, data, seeds, train_indices, config, device, *, schedule,
+                 reduction, pad_mode, on_step=None, after_step=None):
+    """The training loop both recipes share: K models, each on its own data stream.
+
+    Each param group's lr is its 'base_lr' times schedule(step, steps), and zero from its
+    optional 'until' step on. reduction: 'sum' or 'mean' of the cross-entropy over each model's
+    batch (the models' losses are added: their gradients do not mix). after_step(step, steps)
+    and on_step(step, steps) are called after each optimizer step (step counts from 1).
+    """
+    steps = total_steps(config['epochs'], data['full_size'], config['batch_size'])
+    plans = [batch_plans(idx, seed, config['batch_size'], steps, len(data['train_images']))
+             for seed, idx in zip(seeds, train_indices)]
+    aug = dict(flip=config['flip'], translate=config['translate'], cutout=config['cutout'],
+               pad_mode=pad_mode)
+    scale = 1.0 if reduction == 'sum' else 1.0 / config['batch_size']
     net.train()
     for step in range(steps):
         x, y = stack_batches(data['train_images'], data['train_labels'],
                              [p[step] for p in plans], **aug)
         for group in optimizer.param_groups:
             on = step < group.get('until', steps)
-            group['lr'] = group['base_lr'] * lr_multiplier_airbench(step, steps) * on
+            group['lr'] = group['base_lr'] * schedule(step, steps) * on
         with autocast(device):
             logits = net(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, 10), y.reshape(-1),
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                reduction='sum', label_smoothing=config['label_smoothing'])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale).backward()
         optimizer.step()
-        if (step + 1) % config['ema_every'] == 0:
-            lookahead.update(config['ema_rate'] ** config['ema_every'] * ((step + 1) / steps) ** 3)
+        if after_step is not None:
+            after_step(step + 1, steps)
         if on_step is not None:
             on_step(step + 1, steps)
-    lookahead.update(1.0)  # the final weights are the averaged ones
-    return net
 
 
 #############################################
