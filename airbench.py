@@ -38,7 +38,6 @@ import store
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel pixel statistics of the training set
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-DIVERGED_ACCURACY = 0.2  # a run below twice chance accuracy is recorded as diverged
 
 
 def log(*args):
@@ -657,6 +656,10 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
 
+    try:
+        store.ensure_writable(config['out'])
+    except store.StoreError as e:
+        raise SystemExit(f'error: {e}')
     data = prepare_data(config, device)
     K = max(1, config['models_per_device'])
     try:
@@ -700,7 +703,7 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
             seconds = (time.perf_counter() - t0) / len(chunk)
             for k, (arm, slot) in enumerate(chunk):
                 acc = float(test_acc[k])
-                diverged = not finite[k] or acc < DIVERGED_ACCURACY
+                diverged = not finite[k] or acc < config['min_test_acc']
                 part.write_row(arm, slot, train_logits[k], dict(
                     seed=seeds[k], test_acc=acc, seconds=round(seconds, 3),
                     status='diverged' if diverged else 'ok', models_at_once=len(chunk),

@@ -92,6 +92,16 @@ def _npy_header(rows, n_train):
     return buf.getvalue()
 
 
+def _write_at(path, offset, data):
+    """Write bytes into an existing file and fsync. A plain write, not a memmap: on a full disk
+    it raises OSError (ENOSPC) instead of killing the process with SIGBUS."""
+    with open(path, 'r+b') as f:
+        f.seek(offset)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _create_array(path, rows, n_train, copy_rows_from=None):
     """Create (atomically) a zero-filled array file; optionally carry rows over from an old one."""
     header = _npy_header(rows, n_train)
@@ -178,13 +188,8 @@ class Part:
         n_train = self.meta['n_train']
         logits = np.ascontiguousarray(np.asarray(logits, dtype=DTYPE))
         assert logits.shape == (n_train, NUM_CLASSES), logits.shape
-        path = self.array_path(arm)
         offset = len(_npy_header(len(self.rows(arm)), n_train)) + row_index * logits.nbytes
-        with open(path, 'r+b') as f:  # a plain write, not a memmap: a full disk raises, not SIGBUS
-            f.seek(offset)
-            f.write(logits.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        _write_at(self.array_path(arm), offset, logits.tobytes())
         self.rows(arm)[row_index] = dict(slot=slot, complete=True, **record)
         self._save_meta()
 
@@ -220,6 +225,18 @@ def config_differences(stored, current, ignore=()):
 # -----------------------------------------------------------------------------
 #                                 Opening an experiment for writing
 
+def ensure_writable(out):
+    """Create the output folder and check that files can be written there, or raise."""
+    probe = os.path.join(out, f'.write-test{os.getpid()}')
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as e:
+        raise StoreError(f'output folder {out} cannot be written: {e.strerror or e}') from None
+
+
 def open_for_writing(out, config, n_train, runs, shard=0, num_shards=1, ignore_keys=(),
                      session=None, labels=None):
     """Open (or create) this process's part, and return it with the (arm, slot) pairs to train.
@@ -230,9 +247,7 @@ def open_for_writing(out, config, n_train, runs, shard=0, num_shards=1, ignore_k
     s % num_shards == shard that no other part has completed. Runs are alternated between arms
     (full 0, ablated 0, full 1, ...) so that a partial experiment stays balanced.
     """
-    os.makedirs(out, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise StoreError(f'output folder {out} is not writable')
+    ensure_writable(out)
     parts = find_parts(out)
     for part in parts:
         diff = config_differences(part.meta['config'], config, ignore_keys)

@@ -29,6 +29,13 @@ def test_same_seed_same_logits(tiny_data):
     assert not torch.allclose(logits[0], logits[2])
 
 
+def test_training_learns_the_tiny_task(tiny_data):
+    config, data = tiny_setup(tiny_data, epochs=20.0)
+    net = train(data, config, 0, 'full')
+    logits = airbench.predict(net, data['test_images'], 1, torch.device('cpu'))
+    assert airbench.accuracy(logits, data['test_labels'])[0] > 0.4  # chance is 0.1
+
+
 def test_both_arms_take_the_same_number_of_optimizer_steps(tiny_data):
     config, data = tiny_setup(tiny_data, epochs=3.0, batch_size=100)
     counts = []
