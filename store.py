@@ -173,9 +173,9 @@ class Part:
         """Give this part rows for more run slots, growing its array (used when --runs grows)."""
         old_rows = self.rows(arm)
         new = [s for s in slots if s not in {row['slot'] for row in old_rows}]
-        if not new:
-            return
         path = self.array_path(arm)
+        if not new and os.path.exists(path):
+            return
         keep = self.complete_rows(arm) if os.path.exists(path) else []
         _create_array(path, len(old_rows) + len(new), self.meta['n_train'],
                       copy_rows_from=(path, keep) if keep else None)

@@ -83,7 +83,7 @@ def test_resume_after_kill_keeps_finished_rows_byte_identical(tiny_data, tmp_pat
     command = [sys.executable, 'trainer_airbench.py', *args_for(tiny_data, out, runs=3)]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline:
         try:
             if any(r['complete'] for r in read_meta(out)['rows']['full']):
