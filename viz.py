@@ -18,6 +18,9 @@ import scipy.stats
 
 import store
 
+LEVEL = 0.95          # confidence level of every interval
+POWER = 0.8           # target power of --power
+
 
 # -----------------------------------------------------------------------------
 #                                 Statistics
@@ -36,12 +39,14 @@ def margins(logits, labels):
     return correct - logsumexp_others
 
 
-def welch(a, b):
+def welch(a, b, level=LEVEL):
     """Welch's t-test per column of a (n_a, m) and b (n_b, m), ignoring non-finite entries.
 
-    Returns a dict of arrays (m,): mean_a, mean_b, diff (= mean_a - mean_b), se, t, df, p
-    (two-sided), n_a, n_b. Columns with fewer than 2 values in an arm get nan statistics. With no
-    variance in either arm the test is degenerate: p is 1 when the means are equal, else 0.
+    Returns a dict of arrays (m,): mean_a, mean_b, var_a, var_b, diff (= mean_a - mean_b), se,
+    t, df (Welch-Satterthwaite), p (two-sided), n_a, n_b, and ci_low, ci_high: the `level`
+    confidence interval diff +- t_{df} se. Columns with fewer than 2 values in an arm get nan
+    statistics. With no variance in either arm the test is degenerate: p is 1 when the means are
+    equal, else 0, and the interval is the single point diff.
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     out = {}
@@ -63,8 +68,145 @@ def welch(a, b):
         degenerate = (se == 0)
         p = np.where(degenerate, np.where(diff == 0, 1.0, 0.0), p)
         t = np.where(degenerate, np.where(diff == 0, 0.0, np.sign(diff) * np.inf), t)
-    out.update(diff=diff, se=se, t=t, df=df, p=p)
+        half = np.where(degenerate, 0.0, scipy.stats.t.ppf(0.5 + level / 2, df) * se)
+    out.update(diff=diff, se=se, t=t, df=df, p=p, ci_low=diff - half, ci_high=diff + half)
     return out
+
+
+def bh_qvalues(p):
+    """Benjamini-Hochberg adjusted p-values ("q-values") of the finite entries of p.
+
+    With the m finite p-values sorted, q_(i) = min over j >= i of m p_(j) / j, capped at 1: the
+    smallest false-discovery-rate level at which BH would select that example. Non-finite p
+    (an example without a test) give nan and do not count in m.
+    """
+    p = np.asarray(p, np.float64)
+    q = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    m = len(finite)
+    if m:
+        order = finite[np.argsort(p[finite], kind='stable')]
+        scaled = p[order] * m / np.arange(1, m + 1)
+        q[order] = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
+    return q
+
+
+def holm(p):
+    """Holm's step-down adjusted p-values of the finite entries of p (nan elsewhere).
+
+    With the m finite p-values sorted, adjusted_(i) = max over j <= i of (m - j + 1) p_(j),
+    capped at 1; selecting adjusted < alpha keeps the family-wise error rate below alpha.
+    """
+    p = np.asarray(p, np.float64)
+    adjusted = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    m = len(finite)
+    if m:
+        order = finite[np.argsort(p[finite], kind='stable')]
+        scaled = p[order] * (m - np.arange(m))
+        adjusted[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    return adjusted
+
+
+def _t_from_sums(n1, s1, q1, n, s, q):
+    """Welch's t of arm 1 against the rest, from counts, sums and sums of squares."""
+    n2, s2, q2 = n - n1, s - s1, q - q1
+    with np.errstate(invalid='ignore', divide='ignore'):
+        m1, m2 = s1 / n1, s2 / n2
+        v1 = np.maximum(q1 - s1 * m1, 0.0) / (n1 - 1)  # max: rounding must not make a
+        v2 = np.maximum(q2 - s2 * m2, 0.0) / (n2 - 1)  # zero variance negative
+        return (m1 - m2) / np.sqrt(v1 / n1 + v2 / n2)
+
+
+def permutation_pvalues(a, b, shuffles, seed=0, max_elements=4_000_000):
+    """Two-sided permutation p-values per column of a (n_a, m) against b (n_b, m).
+
+    The arm labels of the n_a + n_b runs are shuffled `shuffles` times with a seeded numpy
+    Generator; every column sees the same shuffles (a run's examples move together, as they were
+    trained together). The statistic is Welch's t, not the raw difference of means: studentising
+    keeps the test valid when the arms' variances differ, and makes the p-value comparable with
+    Welch's. p = (b + 1) / (shuffles + 1), where b counts shuffles whose |t| reaches the observed
+    one (the observed labelling counts as one more shuffle), so p >= 1 / (shuffles + 1).
+    Non-finite entries are left out of their column, as in welch().
+
+    Vectorised: with S the 0/1 matrix (shuffles, runs) of "in arm a", the per-column counts, sums
+    and sums of squares of arm a are S @ finite, S @ x and S @ x**2, three matrix products.
+    The shuffles are processed in chunks of at most max_elements entries of S (32 MB).
+    """
+    x = np.concatenate([np.asarray(a, np.float64), np.asarray(b, np.float64)])
+    n_a, runs = len(a), len(x)
+    finite = np.isfinite(x)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        centre = np.where(finite, x, 0.0).sum(axis=0) / finite.sum(axis=0)
+    x0 = np.where(finite, x - np.nan_to_num(centre), 0.0)  # centred: smaller rounding in x**2
+    ok, x2 = finite.astype(np.float64), x0 ** 2
+    totals = ok.sum(axis=0), x0.sum(axis=0), x2.sum(axis=0)
+
+    indicator = np.zeros(runs)
+    indicator[:n_a] = 1.0
+    observed = np.abs(_t_from_sums(indicator @ ok, indicator @ x0, indicator @ x2, *totals))
+    threshold = observed * (1 - 1e-9)  # equal statistics must count despite rounding
+    rng = np.random.default_rng(seed)
+    extreme = np.zeros(x.shape[1], np.int64)
+    chunk = max(1, max_elements // max(runs, 1))
+    for start in range(0, shuffles, chunk):
+        s = rng.permuted(np.broadcast_to(indicator, (min(chunk, shuffles - start), runs)), axis=1)
+        t = _t_from_sums(s @ ok, s @ x0, s @ x2, *totals)
+        extreme += (np.abs(t) >= threshold).sum(axis=0)  # nan (no test) never counts
+    p = (extreme + 1) / (shuffles + 1)
+    n_obs_a, n_obs_b = finite[:n_a].sum(axis=0), finite[n_a:].sum(axis=0)
+    p = np.where(np.isnan(observed), 1.0, p)  # 0/0: no variance and equal means, as welch()
+    return np.where((n_obs_a < 2) | (n_obs_b < 2), np.nan, p)
+
+
+def welch_power(n, diff, var_a, var_b, alpha):
+    """Power of the two-sided Welch test at level alpha with n runs in each arm, if the true
+    difference is diff and the true variances are var_a, var_b: under that alternative t has a
+    noncentral t distribution with the Welch-Satterthwaite df and noncentrality
+    diff / sqrt((var_a + var_b) / n)."""
+    n = np.asarray(n, np.float64)
+    df = (n - 1) * (var_a + var_b) ** 2 / (var_a ** 2 + var_b ** 2)
+    noncentrality = diff / np.sqrt((var_a + var_b) / n)
+    critical = scipy.stats.t.ppf(1 - alpha / 2, df)
+    return (scipy.stats.nct.sf(critical, df, noncentrality)
+            + scipy.stats.nct.cdf(-critical, df, noncentrality))
+
+
+def runs_needed(diff, var_a, var_b, alpha, power=POWER, max_runs=10 ** 7):
+    """Runs per arm (equal arms) for the two-sided Welch test at level alpha to reach `power`
+    against the observed difference, taking the observed variances as the truth.
+
+    The smallest n >= 2 with welch_power(n) >= power, found by a vectorised bisection that
+    starts from the normal approximation n = (z_{1-alpha/2} + z_power)^2 (var_a + var_b) / diff^2
+    (the t-based answer is a few runs larger for small n). Where that approximation exceeds
+    max_runs the two agree and it is returned as is. nan where a variance is missing, inf where
+    the observed difference is 0 (no number of runs detects it).
+    """
+    diff, var_a, var_b = (np.asarray(v, np.float64) for v in (diff, var_a, var_b))
+    total = var_a + var_b
+    with np.errstate(invalid='ignore', divide='ignore'):
+        z = scipy.stats.norm.ppf(1 - alpha / 2) + scipy.stats.norm.ppf(power)
+        normal = np.ceil(z ** 2 * total / diff ** 2)
+    result = np.where(diff == 0, np.inf, np.maximum(normal, 2.0))
+    result = np.where(np.isfinite(diff) & np.isfinite(total), result, np.nan)
+    result = np.where((total == 0) & (diff != 0), 2.0, result)  # no noise: 2 runs settle it
+    todo = np.isfinite(result) & (total > 0) & (result <= max_runs)
+    if not todo.any():
+        return result
+    d, va, vb = diff[todo], var_a[todo], var_b[todo]
+    hi = result[todo]
+    for _ in range(64):  # grow the upper end until it has the power
+        short = welch_power(hi, d, va, vb, alpha) < power
+        if not short.any():
+            break
+        hi = np.where(short, hi * 2, hi)
+    lo = np.ones_like(hi)  # n = 1 never has power (no variance estimate)
+    while (hi - lo > 1).any():
+        mid = np.floor((lo + hi) / 2)
+        enough = welch_power(mid, d, va, vb, alpha) >= power
+        hi, lo = np.where(enough, mid, hi), np.where(enough, lo, mid)
+    result[todo] = hi
+    return result
 
 
 # -----------------------------------------------------------------------------
