@@ -3,14 +3,23 @@
     python viz.py                        # logits/airbench, rows with p < 0.01
     python viz.py logits/madry --all     # all 40 examples
     python viz.py logits/airbench_cpu --alpha 0.05
+    python viz.py logits/airbench --stats --select q          # CIs, n, q-values; rows with q < 0.01
+    python viz.py logits/airbench --permutation 10000 --power
 
 For each of the 40 excluded examples: its correct-class margin (the correct logit minus the
 logsumexp of the other nine) averaged over the full arm ("with") and over the ablated arm
 ("without"), the self-influence (with - without), and the two-sided p-value of Welch's
 unequal-variance t-test. Reads only the completed rows, and only the 40 columns it needs.
 Needs numpy and scipy only (no torch), so it is quick.
+
+The table keeps the seed's layout. Around it: a header line on test accuracy (mean +- std per
+arm and a Welch test of the change), a header line on how many false positives to expect under
+the selection rule (--select), and, below the table, each group's mean self-influence over all
+its examples with a 95% CI and its count of significant examples. --stats, --permutation and
+--power append columns to the right of the p-value.
 """
 import argparse
+import math
 import sys
 
 import numpy as np
@@ -209,6 +218,68 @@ def runs_needed(diff, var_a, var_b, alpha, power=POWER, max_runs=10 ** 7):
     return result
 
 
+def select(stats, rule, alpha):
+    """Boolean mask of the examples selected by `rule` at alpha: 'p' (Welch p < alpha,
+    uncorrected, the seed's rule), 'q' (Benjamini-Hochberg q < alpha) or 'holm' (Holm-adjusted
+    p < alpha)."""
+    value = {'p': stats['p'], 'q': stats['q'], 'holm': stats['holm']}[rule]
+    return np.nan_to_num(value, nan=1.0) < alpha
+
+
+def analyse(exp, alpha, rule):
+    """Per-example Welch statistics with q-values, Holm p-values and the selection mask."""
+    stats = welch(exp['margins']['full'], exp['margins']['ablated'])
+    stats['q'] = bh_qvalues(stats['p'])
+    stats['holm'] = holm(stats['p'])
+    stats['selected'] = select(stats, rule, alpha)
+    return stats
+
+
+def group_summaries(exp, stats):
+    """Per group: the mean self-influence over ALL its examples with a 95% CI, and the counts
+    of selected examples with positive and with negative self-influence.
+
+    The CI comes from Welch's test on per-run group means: each run's margin averaged over the
+    group's examples. The mean of those over an arm is the mean of the per-example arm means,
+    so (with no margin missing) the difference is exactly the mean of the per-example
+    self-influences, the row the seed's selected-rows "Average" tries to be. Combining the
+    per-example standard errors as if independent would be wrong: the examples share their
+    runs (a run that is better on one easy example tends to be better on all), so their
+    estimates are correlated. The runs, in contrast, are independent, and the per-run group
+    mean carries that correlation into its variance. The interval is about these 20 examples;
+    it does not generalise to other examples drawn the same way. A run with a non-finite
+    margin in the group is left out of that group's summary.
+    """
+    out = {}
+    offset = 0
+    for group, members in exp['groups'].items():
+        cols = slice(offset, offset + len(members))
+        offset += len(members)
+        per_run = {arm: exp['margins'][arm][:, cols].astype(np.float64).mean(axis=1)[:, None]
+                   if members else np.zeros((0, 1)) for arm in store.ARMS}
+        w = {k: v[0] for k, v in welch(per_run['full'], per_run['ablated']).items()}
+        selected, diff = stats['selected'][cols], stats['diff'][cols]
+        out[group] = dict(n_examples=len(members), self_influence=float(w['diff']),
+                          ci_low=float(w['ci_low']), ci_high=float(w['ci_high']),
+                          p=float(w['p']), n_full=int(w['n_a']), n_ablated=int(w['n_b']),
+                          positive=int((selected & (diff > 0)).sum()),
+                          negative=int((selected & (diff < 0)).sum()))
+    return out
+
+
+def accuracy_summary(exp):
+    """Mean and standard deviation of test accuracy per arm, and Welch's test of full - ablated."""
+    out = {}
+    for arm in store.ARMS:
+        acc = exp['test_acc'][arm].astype(np.float64)
+        out[arm] = dict(n=len(acc), mean=float(acc.mean()) if len(acc) else math.nan,
+                        std=float(acc.std(ddof=1)) if len(acc) > 1 else math.nan)
+    w = welch(exp['test_acc']['full'][:, None], exp['test_acc']['ablated'][:, None])
+    out.update(difference=float(w['diff'][0]), ci_low=float(w['ci_low'][0]),
+               ci_high=float(w['ci_high'][0]), p=float(w['p'][0]))
+    return out
+
+
 # -----------------------------------------------------------------------------
 #                                 Loading
 
@@ -216,27 +287,36 @@ def load(out):
     """Margins and accuracies of an experiment's completed, non-diverged runs.
 
     Returns a dict with config, indices (the 40), groups ({'Random': [...], 'Easy': [...]}),
-    margins (per arm, (runs, 40) float32), test_acc (per arm), runs (per arm, records), and
-    diverged (per arm, count of skipped runs).
+    labels (of the 40), margins (per arm, (runs, 40) float32), test_acc (per arm), runs (per
+    arm, records), and diverged (per arm, count of skipped runs).
     """
     meta, runs = store.read_experiment(out)
     config = meta['config']
     groups = {'Random': list(config['random_indices']), 'Easy': list(config['easy_indices'])}
     indices = groups['Random'] + groups['Easy']
+    missing = [i for i in indices if str(i) not in meta.get('labels', {})]
+    if missing:
+        raise store.StoreError(f'{out}/meta.json has no class labels for examples {missing[:5]}; '
+                               f'it was written by an older trainer, so retrain it')
     labels = [meta['labels'][str(i)] for i in indices]
-    result = dict(out=out, config=config, indices=indices, groups=groups, margins={},
-                  test_acc={}, runs={}, diverged={})
+    result = dict(out=out, config=config, indices=indices, groups=groups, labels=labels,
+                  margins={}, test_acc={}, runs={}, diverged={})
     for arm in store.ARMS:
         ok = [r for r in runs[arm] if r.get('status', 'ok') == 'ok']
         result['diverged'][arm] = len(runs[arm]) - len(ok)
         result['runs'][arm] = ok
         result['margins'][arm] = margins(store.gather_logits(ok, indices), labels)
-        result['test_acc'][arm] = np.array([r['test_acc'] for r in ok])
+        result['test_acc'][arm] = np.array([r['test_acc'] for r in ok], np.float64)
     return result
 
 
 # -----------------------------------------------------------------------------
-#                                 The table
+#                                 Tables
+
+def fmt(x, spec):
+    """x formatted with spec, or 'n/a' when it is nan."""
+    return 'n/a' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
 
 def header(exp):
     n = {arm: len(exp['runs'][arm]) for arm in store.ARMS}
@@ -257,10 +337,40 @@ def header(exp):
     return lines
 
 
-def table(exp, stats, show):
-    """The seed's table layout. show: boolean mask (40,) of the rows to print."""
-    lines = ['Example index      margin               self-influence                  p-value',
-             '                with    without']
+def accuracy_line(acc):
+    arms = ', '.join(f"{arm} {fmt(acc[arm]['mean'], '.4f')} +- {fmt(acc[arm]['std'], '.4f')}"
+                     for arm in store.ARMS)
+    return (f"test accuracy (mean +- std): {arms}; removing the 40 changes it by "
+            f"{fmt(-acc['difference'], '+.4f')} [{LEVEL:.0%} CI {fmt(-acc['ci_high'], '+.4f')}, "
+            f"{fmt(-acc['ci_low'], '+.4f')}], Welch p = {fmt(acc['p'], '.4f')}")
+
+
+RULE_NAMES = {'p': 'p', 'q': 'q (BH)', 'holm': 'Holm-adjusted p'}
+
+
+def selection_line(rule, alpha, stats):
+    """What the selection rule promises about false positives, stated as it holds."""
+    m = int(np.isfinite(stats['p']).sum())
+    chosen = int(stats['selected'].sum())
+    if rule == 'p':
+        return (f'selection: p < {alpha} for each of {m} tests, no multiple-testing correction; '
+                f'expected false positives = {alpha} x (examples without a true effect), '
+                f'at most {alpha * m:.2f} (reached when no example has an effect)')
+    if rule == 'q':
+        return (f'selection: Benjamini-Hochberg q < {alpha} over {m} tests; expected share of '
+                f'false positives among the selected <= {alpha}, so about {alpha * chosen:.2f} '
+                f'of the {chosen} selected (valid for independent or positively dependent tests)')
+    return (f'selection: Holm-adjusted p < {alpha} over {m} tests; probability of one or more '
+            f'false positives among the {chosen} selected <= {alpha}, whatever the dependence')
+
+
+def table(exp, stats, show, extras=()):
+    """The seed's table layout. show: boolean mask (40,) of the rows to print. extras: columns
+    (title, width, list of 40 strings) appended after the p-value; none in the seed's table."""
+    first = 'Example index      margin               self-influence                  p-value'
+    if extras:
+        first = f'{first:<82s}' + ''.join(f'{title:<{width}s}' for title, width, _ in extras)
+    lines = [first.rstrip(), '                with    without']
     offset = 0
     for group, members in exp['groups'].items():
         lines.append(f'{group} examples:')
@@ -269,13 +379,59 @@ def table(exp, stats, show):
         for i in rows:
             if show[i]:
                 p = 'n/a' if np.isnan(stats['p'][i]) else f"{stats['p'][i]:.4f}"
-                lines.append(f"{exp['indices'][i]:<16d}{stats['mean_a'][i]:<8.3f}"
-                             f"{stats['mean_b'][i]:<16.3f}{stats['diff'][i]:<+32.3f}{p}")
+                if extras:
+                    p = f'{p:<10s}' + ''.join(f'{col[i]:<{width}s}' for _, width, col in extras)
+                lines.append((f"{exp['indices'][i]:<16d}{stats['mean_a'][i]:<8.3f}"
+                              f"{stats['mean_b'][i]:<16.3f}{stats['diff'][i]:<+32.3f}{p}").rstrip())
         shown = [stats['diff'][i] for i in rows if show[i]]
         average = f'{np.mean(shown):+.3f}' if shown else 'n/a (no rows)'
         lines.append(f"{'Average:':<40s}{average}")
     return lines
 
+
+def group_lines(groups, rule, alpha):
+    lines = [f'Over all examples of each group ({LEVEL:.0%} CI from Welch\'s test on per-run '
+             f'group-mean margins):']
+    for group, g in groups.items():
+        lines.append(f"{group + ':':<8s}{g['n_examples']:>3d} examples, mean self-influence "
+                     f"{fmt(g['self_influence'], '+.3f')} [{fmt(g['ci_low'], '+.3f')}, "
+                     f"{fmt(g['ci_high'], '+.3f')}], p = {fmt(g['p'], '.4f')}; "
+                     f"{RULE_NAMES[rule]} < {alpha}: {g['positive']} positive, "
+                     f"{g['negative']} negative")
+    return lines
+
+
+def extra_columns(exp, stats, args):
+    """The columns that --stats, --permutation and --power append to the table."""
+    m = len(exp['indices'])
+    cols = []
+    if args.stats:
+        cols.append((f'{LEVEL:.0%} CI', 20, [f"[{fmt(stats['ci_low'][i], '+.3f')}, "
+                                              f"{fmt(stats['ci_high'][i], '+.3f')}]"
+                                              for i in range(m)]))
+        cols.append(('n full/abl', 12, [f"{stats['n_a'][i]}/{stats['n_b'][i]}" for i in range(m)]))
+        cols.append(('q (BH)', 9, [fmt(stats['q'][i], '.4f') for i in range(m)]))
+        cols.append(('Holm p', 9, [fmt(stats['holm'][i], '.4f') for i in range(m)]))
+    if 'p_perm' in stats:
+        cols.append(('perm p', 9, [fmt(stats['p_perm'][i], '.4f') for i in range(m)]))
+    if args.power:
+        def needed(i):
+            if stats['selected'][i]:
+                return '-'
+            n = stats['runs_needed'][i]
+            return 'n/a' if np.isnan(n) else 'never' if np.isinf(n) else f'{n:.0f}'
+        cols.append(('runs/arm', 10, [needed(i) for i in range(m)]))
+    return cols
+
+
+def power_alpha(rule, alpha, m):
+    """The per-test level that --power plans for: alpha, or alpha / m for Holm (Holm selects
+    everything that Bonferroni selects, so that level suffices)."""
+    return alpha / m if rule == 'holm' and m else alpha
+
+
+# -----------------------------------------------------------------------------
+#                                 Main
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -283,18 +439,52 @@ def main(argv=None):
                         help='experiment folder (default logits/airbench)')
     parser.add_argument('--all', action='store_true', help='show all 40 examples')
     parser.add_argument('--alpha', type=float, default=0.01,
-                        help='show rows with p below this (default 0.01)')
+                        help='show rows with p (or --select) below this (default 0.01)')
+    parser.add_argument('--select', choices=('p', 'q', 'holm'), default='p',
+                        help='which value must be below alpha: Welch p uncorrected (default), '
+                             'Benjamini-Hochberg q, or Holm-adjusted p')
+    parser.add_argument('--stats', action='store_true',
+                        help=f'add columns: {LEVEL:.0%} CI, n per arm, q (BH), Holm p')
+    parser.add_argument('--permutation', type=int, default=0, metavar='K',
+                        help='add a column: permutation p-value from K label shuffles')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the shuffles (default 0)')
+    parser.add_argument('--power', action='store_true',
+                        help=f'add a column: runs per arm for {POWER:.0%} power, for rows not '
+                             f'selected')
     args = parser.parse_args(argv)
+    if args.permutation < 0:
+        parser.error('--permutation needs K >= 0 shuffles')
     try:
         exp = load(args.experiment)
     except store.StoreError as e:
         raise SystemExit(f'error: {e}')
-    stats = welch(exp['margins']['full'], exp['margins']['ablated'])
-    show = np.ones(len(exp['indices']), bool) if args.all else stats['p'] < args.alpha
+
+    stats = analyse(exp, args.alpha, args.select)
+    m = len(exp['indices'])
+    level = power_alpha(args.select, args.alpha, m)
+    stats['runs_needed'] = runs_needed(stats['diff'], stats['var_a'], stats['var_b'], level)
+    if args.permutation:
+        stats['p_perm'] = permutation_pvalues(exp['margins']['full'], exp['margins']['ablated'],
+                                              args.permutation, args.seed)
+    accuracy = accuracy_summary(exp)
+    groups = group_summaries(exp, stats)
+
+    show = np.ones(m, bool) if args.all else stats['selected']
     lines = header(exp)
-    lines.append('all 40 examples' if args.all else f'rows with p < {args.alpha} '
-                 f'(--all shows all 40)')
-    print('\n'.join(lines + [''] + table(exp, stats, show)))
+    lines.append(accuracy_line(accuracy))
+    lines.append(selection_line(args.select, args.alpha, stats))
+    if args.permutation:
+        lines.append(f'perm p: {args.permutation} shuffles of the arm labels (seed {args.seed}), '
+                     f"Welch's t as statistic, p = (b + 1) / (K + 1) >= "
+                     f'{1 / (args.permutation + 1):.2g}')
+    if args.power:
+        lines.append(f'runs/arm: runs per arm for {POWER:.0%} power of one two-sided Welch test '
+                     f'at level {level:.3g} against the observed effect and variances')
+    lines.append(f'all {m} examples' if args.all else f'rows with {RULE_NAMES[args.select]} < '
+                 f'{args.alpha} (--all shows all {m})')
+    lines += [''] + table(exp, stats, show, extra_columns(exp, stats, args))
+    lines += [''] + group_lines(groups, args.select, args.alpha)
+    print('\n'.join(lines))
 
 
 if __name__ == '__main__':
