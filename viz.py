@@ -5,12 +5,13 @@
     python viz.py logits/airbench_cpu --alpha 0.05
     python viz.py logits/airbench --stats --select q          # CIs, n, q-values; rows with q < 0.01
     python viz.py logits/airbench --permutation 10000 --power
+    python viz.py logits/airbench --csv rows.csv --json rows.json --plot figure.png
 
 For each of the 40 excluded examples: its correct-class margin (the correct logit minus the
 logsumexp of the other nine) averaged over the full arm ("with") and over the ablated arm
 ("without"), the self-influence (with - without), and the two-sided p-value of Welch's
 unequal-variance t-test. Reads only the completed rows, and only the 40 columns it needs.
-Needs numpy and scipy only (no torch), so it is quick.
+Needs numpy and scipy only (no torch), so it is quick; matplotlib is imported only for --plot.
 
 The table keeps the seed's layout. Around it: a header line on test accuracy (mean +- std per
 arm and a Welch test of the change), a header line on how many false positives to expect under
@@ -19,6 +20,8 @@ its examples with a 95% CI and its count of significant examples. --stats, --per
 --power append columns to the right of the p-value.
 """
 import argparse
+import csv
+import json
 import math
 import sys
 
@@ -29,6 +32,8 @@ import store
 
 LEVEL = 0.95          # confidence level of every interval
 POWER = 0.8           # target power of --power
+FIGSIZE = (12, 5)     # inches; with DPI the PNG of --plot is 1200 x 500 pixels
+DPI = 100
 
 
 # -----------------------------------------------------------------------------
@@ -311,7 +316,7 @@ def load(out):
 
 
 # -----------------------------------------------------------------------------
-#                                 Tables
+#                                 Tables, exports and the figure
 
 def fmt(x, spec):
     """x formatted with spec, or 'n/a' when it is nan."""
@@ -430,6 +435,133 @@ def power_alpha(rule, alpha, m):
     return alpha / m if rule == 'holm' and m else alpha
 
 
+ROW_FIELDS = ['index', 'group', 'label', 'n_full', 'n_ablated', 'margin_full', 'margin_ablated',
+              'var_full', 'var_ablated', 'self_influence', 'se', 'ci_low', 'ci_high', 't', 'df',
+              'p', 'q_bh', 'p_holm', 'selected', 'p_perm', 'runs_needed']
+STAT_KEYS = dict(n_full='n_a', n_ablated='n_b', margin_full='mean_a', margin_ablated='mean_b',
+                 var_full='var_a', var_ablated='var_b', self_influence='diff', q_bh='q',
+                 p_holm='holm')
+
+
+def export_rows(exp, stats):
+    """All examples with every statistic, as dicts of plain Python values (nan where missing)."""
+    group_of = {i: g for g, members in exp['groups'].items() for i in members}
+    rows = []
+    for k, index in enumerate(exp['indices']):
+        row = dict(index=int(index), group=group_of[index], label=int(exp['labels'][k]))
+        for field in ROW_FIELDS[3:]:
+            value = stats.get(STAT_KEYS.get(field, field))
+            value = math.nan if value is None else value[k]
+            row[field] = bool(value) if field == 'selected' else \
+                int(value) if field.startswith('n_') else float(value)
+        rows.append(row)
+    return rows
+
+
+def export_summary(exp, stats, args, accuracy, groups):
+    return dict(experiment=exp['out'], config=exp['config'],
+                runs={arm: len(exp['runs'][arm]) for arm in store.ARMS},
+                diverged=dict(exp['diverged']), alpha=args.alpha, select=args.select,
+                permutation_shuffles=args.permutation or None, seed=args.seed,
+                power=POWER, power_alpha=power_alpha(args.select, args.alpha, len(exp['indices'])),
+                accuracy=accuracy, groups=groups)
+
+
+def _json_safe(obj):
+    """nan and inf become null: they are not JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path, summary, rows):
+    with open(path, 'w') as f:
+        json.dump(_json_safe(dict(summary, rows=rows)), f, indent=1)
+
+
+def write_csv(path, summary, rows):
+    """One line per example. The experiment's config and run counts ride along as leading '#'
+    comment lines (read with csv after skipping them, or pandas.read_csv(path, comment='#')),
+    so that the file stays self-describing without a sidecar. Floats are written with repr, so
+    they read back exactly; nan stays 'nan'."""
+    with open(path, 'w', newline='') as f:
+        f.write(f"# viz.py export of {summary['experiment']}\n")
+        for key in ('runs', 'diverged', 'alpha', 'select', 'permutation_shuffles', 'seed',
+                    'power', 'power_alpha', 'accuracy', 'groups', 'config'):
+            f.write(f'# {key}: {json.dumps(_json_safe(summary[key]))}\n')
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        writer.writeheader()
+        writer.writerows({k: repr(v) if isinstance(v, float) else v for k, v in row.items()}
+                         for row in rows)
+
+
+def plot(path, exp, stats):
+    """A two-panel PNG (FIGSIZE at DPI): self-influence with its CI per example, each group
+    sorted; and the margins with and without for the most negative easy example and the most
+    positive random one."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
+
+    n = {arm: len(exp['runs'][arm]) for arm in store.ARMS}
+    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI,
+                                      gridspec_kw=dict(width_ratios=[2.2, 1]))
+    fig.suptitle(f"Self-influence in {exp['out']} (preset {exp['config']['preset']}): "
+                 f"{n['full']} runs with, {n['ablated']} without the 40")
+    x, ticks, offset, position = [], [], 0, 0
+    for colour, (group, members) in zip(('tab:blue', 'tab:orange'), exp['groups'].items()):
+        idx = offset + np.argsort(stats['diff'][offset:offset + len(members)], kind='stable')
+        offset += len(members)
+        pos = position + np.arange(len(idx))
+        position += len(idx) + 1  # a gap between the groups
+        low, high = stats['ci_low'][idx], stats['ci_high'][idx]
+        errors = np.nan_to_num(np.vstack([stats['diff'][idx] - low, high - stats['diff'][idx]]))
+        left.errorbar(pos, stats['diff'][idx], yerr=errors, fmt='o', ms=4, capsize=2,
+                      color=colour, label=f'{group} ({len(idx)})')
+        x += list(pos)
+        ticks += [str(exp['indices'][i]) for i in idx]
+    left.axhline(0, color='black', lw=0.8)
+    left.set_xticks(x, ticks, rotation=90, fontsize=6)
+    left.set_xlabel('training example (index), sorted within each group')
+    left.set_ylabel(f'self-influence: margin with - without ({LEVEL:.0%} CI)')
+    left.legend(loc='best', fontsize=8)
+
+    n_random, picks = len(exp['groups']['Random']), []
+    if exp['groups']['Easy']:
+        easy = n_random + int(np.argmin(np.nan_to_num(stats['diff'][n_random:], nan=np.inf)))
+        picks.append(('most negative easy', easy))
+    if n_random:
+        random = int(np.argmax(np.nan_to_num(stats['diff'][:n_random], nan=-np.inf)))
+        picks.append(('most positive random', random))
+    data, colours = [], []
+    below = blended_transform_factory(right.transData, right.transAxes)
+    for k, (name, i) in enumerate(picks):
+        for arm, colour in (('full', 'tab:green'), ('ablated', 'tab:red')):
+            values = exp['margins'][arm][:, i].astype(np.float64)
+            data.append(values[np.isfinite(values)])
+            colours.append(colour)
+        right.text(2 * k + 1.5, -0.1, f"{name}\n(#{exp['indices'][i]})", transform=below,
+                   ha='center', va='top', fontsize=8)
+    if data:
+        right.boxplot(data, showfliers=False, medianprops=dict(color='black'))
+        jitter = np.random.default_rng(0)
+        for k, (values, colour) in enumerate(zip(data, colours)):
+            shown = values if len(values) <= 300 else jitter.choice(values, 300, replace=False)
+            right.scatter(k + 1 + jitter.uniform(-0.15, 0.15, len(shown)), shown, s=6,
+                          alpha=0.5, color=colour)
+        right.set_xticks(range(1, len(data) + 1), ['with', 'without'] * len(picks), fontsize=8)
+    right.set_ylabel('correct-class margin per run')
+    right.set_title('margins with and without the example (box: quartiles)', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
 # -----------------------------------------------------------------------------
 #                                 Main
 
@@ -451,6 +583,10 @@ def main(argv=None):
     parser.add_argument('--power', action='store_true',
                         help=f'add a column: runs per arm for {POWER:.0%} power, for rows not '
                              f'selected')
+    parser.add_argument('--csv', metavar='FILE', help='write all rows and statistics as CSV')
+    parser.add_argument('--json', metavar='FILE', help='write all rows, statistics and config '
+                                                       'as JSON')
+    parser.add_argument('--plot', metavar='FILE.png', help='draw the figure (1200 x 500 pixels)')
     args = parser.parse_args(argv)
     if args.permutation < 0:
         parser.error('--permutation needs K >= 0 shuffles')
@@ -485,6 +621,15 @@ def main(argv=None):
     lines += [''] + table(exp, stats, show, extra_columns(exp, stats, args))
     lines += [''] + group_lines(groups, args.select, args.alpha)
     print('\n'.join(lines))
+
+    if args.csv or args.json:
+        summary, rows = export_summary(exp, stats, args, accuracy, groups), export_rows(exp, stats)
+        if args.csv:
+            write_csv(args.csv, summary, rows)
+        if args.json:
+            write_json(args.json, summary, rows)
+    if args.plot:
+        plot(args.plot, exp, stats)
 
 
 if __name__ == '__main__':

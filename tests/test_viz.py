@@ -1,4 +1,6 @@
 """viz.py on synthetic experiments with planted effects, checked against scipy and hand loops."""
+import csv
+import json
 import os
 import re
 import subprocess
@@ -187,6 +189,45 @@ def test_permutation_and_power_columns(planted, capsys):
             assert normal <= int(needed) <= normal + 5
 
 
+def test_csv_and_json_round_trip(planted, tmp_path, capsys):
+    csv_path, json_path = str(tmp_path / 'rows.csv'), str(tmp_path / 'rows.json')
+    run_viz([planted['out'], '--csv', csv_path, '--json', json_path, '--permutation', '200'],
+            capsys)
+    test = scipy_tests(planted)
+    with open(json_path) as f:
+        saved = json.load(f)
+    assert saved['config'] == planted['config'] and saved['runs'] == {'full': 60, 'ablated': 60}
+    assert saved['select'] == 'p' and saved['permutation_shuffles'] == 200
+    with open(csv_path) as f:
+        comments = [line for line in f if line.startswith('#')]
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith('#')))
+    from_comments = {line[2:].split(':', 1)[0]: json.loads(line.split(':', 1)[1])
+                     for line in comments[1:]}
+    assert from_comments['config'] == planted['config']
+    assert from_comments['runs'] == saved['runs'] and from_comments['groups'] == saved['groups']
+    assert len(rows) == len(saved['rows']) == 40
+    for i, (row, js) in enumerate(zip(rows, saved['rows'])):
+        assert int(row['index']) == js['index'] == planted['indices'][i]
+        assert row['group'] == js['group'] == ('Random' if i < 20 else 'Easy')
+        assert int(row['label']) == js['label'] == planted['labels'][i]
+        for field in viz.ROW_FIELDS[3:]:
+            if field == 'selected':
+                assert (row[field] == 'True') == js[field] == bool(test.pvalue[i] < 0.01)
+            else:
+                assert float(row[field]) == float(js[field]), field  # exact: written with repr
+        assert abs(js['p'] - test.pvalue[i]) < 1e-9 and abs(js['t'] - test.statistic[i]) < 1e-9
+
+
+def test_plot_writes_a_png_of_the_expected_size(planted, tmp_path, capsys):
+    import matplotlib.image
+    path = str(tmp_path / 'figure.png')
+    run_viz([planted['out'], '--plot', path], capsys)
+    image = matplotlib.image.imread(path)
+    assert image.shape[:2] == (500, 1200)  # 12 x 5 inches at 100 dpi, as --help says
+    assert image[..., :3].std() > 0.05  # not blank
+
+
 def test_viz_imports_neither_torch_nor_matplotlib_without_plot(planted):
     code = ('import sys, viz; viz.main([sys.argv[1], "--stats"]); '
             'print("torch" in sys.modules, "matplotlib" in sys.modules)')
@@ -200,7 +241,10 @@ def test_fewer_than_two_runs_reports_what_it_can(tmp_path, capsys):
     full, ablated = planted_margins(runs=3)
     out = str(tmp_path / 'early')
     made = make_experiment(out, full[:1], ablated)
-    lines = run_viz([out, '--all', '--stats', '--permutation', '50', '--power'], capsys)
+    json_path = str(tmp_path / 'rows.json')
+    lines = run_viz([out, '--all', '--stats', '--permutation', '50', '--power', '--json',
+                     json_path, '--csv', str(tmp_path / 'rows.csv'),
+                     '--plot', str(tmp_path / 'f.png')], capsys)
     assert 'note: an arm has fewer than 2 complete runs, so there are no p-values yet' in lines
     rows = table_rows(lines)
     assert len(rows) == 40
@@ -211,6 +255,10 @@ def test_fewer_than_two_runs_reports_what_it_can(tmp_path, capsys):
     assert p == 'n/a' and rest.split() == ['[n/a,', 'n/a]', '1/3', 'n/a', 'n/a', 'n/a', 'n/a']
     assert any(line.startswith('Easy:') and 'self-influence' in line and '[n/a, n/a]' in line
                for line in lines)
+    with open(json_path) as f:
+        saved = json.load(f)
+    assert saved['rows'][i]['p'] is None and saved['rows'][i]['n_full'] == 1
+    assert os.path.getsize(str(tmp_path / 'f.png')) > 0
 
 
 def test_unequal_arms_are_noted(tmp_path, capsys):
