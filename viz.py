@@ -6,6 +6,7 @@
     python viz.py logits/airbench --stats --select q          # CIs, n, q-values; rows with q < 0.01
     python viz.py logits/airbench --permutation 10000 --power
     python viz.py logits/airbench --csv rows.csv --json rows.json --plot figure.png
+    python viz.py logits/airbench logits/madry                # experiments side by side
 
 For each of the 40 excluded examples: its correct-class margin (the correct logit minus the
 logsumexp of the other nine) averaged over the full arm ("with") and over the ablated arm
@@ -562,13 +563,50 @@ def plot(path, exp, stats):
     plt.close(fig)
 
 
+def side_by_side(experiments, rule, alpha):
+    """One row per example, one self-influence column per experiment ('*': selected by rule),
+    and per group the mean over all its examples and how many examples agree in sign."""
+    lines = []
+    for k, (exp, stats) in enumerate(experiments, 1):
+        n = {arm: len(exp['runs'][arm]) for arm in store.ARMS}
+        lines.append(f"({k}) {exp['out']}: {n['full']} full and {n['ablated']} ablated runs "
+                     f"(preset {exp['config']['preset']})")
+    lines.append(f'self-influence per experiment; * marks {RULE_NAMES[rule]} < {alpha}')
+    lines.append('')
+    lines.append(f"{'Example index':<16s}" + ''.join(f'{f"({k})":<12s}'
+                                                     for k in range(1, len(experiments) + 1)))
+    first = experiments[0][0]
+    summaries = [group_summaries(e, s) for e, s in experiments]
+    offset = 0
+    for group, members in first['groups'].items():
+        lines.append(f'{group} examples:')
+        rows = range(offset, offset + len(members))
+        offset += len(members)
+        for i in rows:
+            cells = ''.join(f"{fmt(s['diff'][i], '+.3f') + ('*' if s['selected'][i] else ''):<12s}"
+                            for _, s in experiments)
+            lines.append(f"{first['indices'][i]:<16d}{cells}".rstrip())
+        means = ''.join(f"{fmt(g[group]['self_influence'], '+.3f'):<12s}" for g in summaries)
+        lines.append(f"{'Mean (all):':<16s}{means}".rstrip())
+        signs = np.array([np.sign(s['diff'][rows.start:rows.stop]) for _, s in experiments])
+        comparable = np.isfinite(signs).all(axis=0)
+        agree = comparable & (signs == signs[0]).all(axis=0) & (signs[0] != 0)
+        both = comparable & np.array([s['selected'][rows.start:rows.stop]
+                                      for _, s in experiments]).all(axis=0)
+        lines.append(f'Sign agreement: {int(agree.sum())} of {int(comparable.sum())} examples '
+                     f'have the same sign in all experiments; {int((agree & both).sum())} of the '
+                     f'{int(both.sum())} selected in all agree')
+    return lines
+
+
 # -----------------------------------------------------------------------------
 #                                 Main
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('experiment', nargs='?', default='logits/airbench',
-                        help='experiment folder (default logits/airbench)')
+    parser.add_argument('experiment', nargs='*', default=['logits/airbench'],
+                        help='experiment folder (default logits/airbench); several print side by '
+                             'side')
     parser.add_argument('--all', action='store_true', help='show all 40 examples')
     parser.add_argument('--alpha', type=float, default=0.01,
                         help='show rows with p (or --select) below this (default 0.01)')
@@ -591,10 +629,23 @@ def main(argv=None):
     if args.permutation < 0:
         parser.error('--permutation needs K >= 0 shuffles')
     try:
-        exp = load(args.experiment)
+        exps = [load(path) for path in args.experiment]
     except store.StoreError as e:
         raise SystemExit(f'error: {e}')
 
+    if len(exps) > 1:
+        single = [flag for flag in ('stats', 'permutation', 'power', 'csv', 'json', 'plot')
+                  if getattr(args, flag)]
+        if single:
+            parser.error(f"--{', --'.join(single)} need a single experiment")
+        if any(e['groups'] != exps[0]['groups'] for e in exps):
+            raise SystemExit('error: the experiments exclude different examples; side by side '
+                             'needs the same random and easy indices')
+        pairs = [(e, analyse(e, args.alpha, args.select)) for e in exps]
+        print('\n'.join(side_by_side(pairs, args.select, args.alpha)))
+        return
+
+    exp = exps[0]
     stats = analyse(exp, args.alpha, args.select)
     m = len(exp['indices'])
     level = power_alpha(args.select, args.alpha, m)

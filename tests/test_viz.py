@@ -237,6 +237,59 @@ def test_viz_imports_neither_torch_nor_matplotlib_without_plot(planted):
     assert result.stdout.splitlines()[-1] == 'False False'
 
 
+def test_side_by_side(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    effects_1 = np.r_[np.zeros(16), [1.0, -1.0, 1.0, -1.0], -np.ones(20)]
+    effects_2 = np.r_[np.zeros(16), [1.0, 1.0, -1.0, -1.0], -np.ones(18), [1.0, 1.0]]
+    made = []
+    for k, effects in enumerate((effects_1, effects_2)):
+        full = rng.normal(3.0, 0.5, size=(30, 40)) + effects
+        ablated = rng.normal(3.0, 0.5, size=(20 + 10 * k, 40))
+        made.append(make_experiment(str(tmp_path / f'exp{k}'), full, ablated,
+                                    random_indices=list(range(20)), easy_indices=EASY, seed=k))
+    lines = run_viz([str(tmp_path / 'exp0'), str(tmp_path / 'exp1')], capsys)
+    assert lines[0].startswith(f"(1) {tmp_path / 'exp0'}: 30 full and 20 ablated runs")
+    assert lines[1].startswith(f"(2) {tmp_path / 'exp1'}: 30 full and 30 ablated runs")
+    diffs = np.array([m['margins']['full'].mean(0) - m['margins']['ablated'].mean(0)
+                      for m in made])
+    p = np.array([scipy.stats.ttest_ind(m['margins']['full'], m['margins']['ablated'],
+                                        equal_var=False).pvalue for m in made])
+    rows = {}
+    for line in lines:
+        fields = line.split()
+        if fields and fields[0].isdigit():
+            rows[int(fields[0])] = fields[1:]
+    assert len(rows) == 40
+    for i, index in enumerate(list(range(20)) + EASY):
+        for k in range(2):
+            cell = rows[index][k]
+            assert abs(float(cell.rstrip('*')) - diffs[k, i]) < 6e-4
+            assert cell.endswith('*') == (p[k, i] < 0.01)
+    agreement = [line for line in lines if line.startswith('Sign agreement')]
+    for group, cols in zip(agreement, (slice(0, 20), slice(20, 40))):
+        same = (np.sign(diffs[0, cols]) == np.sign(diffs[1, cols])).sum()
+        both = (p[:, cols] < 0.01).all(axis=0)
+        both_same = (both & (np.sign(diffs[0, cols]) == np.sign(diffs[1, cols]))).sum()
+        assert group.startswith(f'Sign agreement: {same} of 20 examples')
+        assert group.endswith(f'{both_same} of the {both.sum()} selected in all agree')
+    assert agreement[1].endswith('18 of the 20 selected in all agree')  # as planted
+    means = [line.split()[2:] for line in lines if line.startswith('Mean (all):')]
+    for k in range(2):
+        assert abs(float(means[0][k]) - diffs[k, :20].mean()) < 6e-4
+        assert abs(float(means[1][k]) - diffs[k, 20:].mean()) < 6e-4
+
+
+def test_side_by_side_refuses_what_it_cannot_compare(tmp_path, capsys):
+    full, ablated = planted_margins(runs=4)
+    make_experiment(str(tmp_path / 'a'), full, ablated)
+    make_experiment(str(tmp_path / 'b'), full[:, :38], ablated[:, :38])
+    with pytest.raises(SystemExit, match='different examples'):
+        viz.main([str(tmp_path / 'a'), str(tmp_path / 'b')])
+    with pytest.raises(SystemExit):
+        viz.main([str(tmp_path / 'a'), str(tmp_path / 'a'), '--csv', str(tmp_path / 'x.csv')])
+    assert 'need a single experiment' in capsys.readouterr().err
+
+
 def test_fewer_than_two_runs_reports_what_it_can(tmp_path, capsys):
     full, ablated = planted_margins(runs=3)
     out = str(tmp_path / 'early')
