@@ -573,8 +573,8 @@ def side_by_side(experiments, rule, alpha):
                      f"(preset {exp['config']['preset']})")
     lines.append(f'self-influence per experiment; * marks {RULE_NAMES[rule]} < {alpha}')
     lines.append('')
-    lines.append(f"{'Example index':<16s}" + ''.join(f'{f"({k})":<12s}'
-                                                     for k in range(1, len(experiments) + 1)))
+    lines.append((f"{'Example index':<16s}"
+                  + ''.join(f'{f"({k})":<12s}' for k in range(1, len(experiments) + 1))).rstrip())
     first = experiments[0][0]
     summaries = [group_summaries(e, s) for e, s in experiments]
     offset = 0
