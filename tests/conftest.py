@@ -2,6 +2,7 @@
 import os
 import pickle
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -62,3 +63,57 @@ def tiny_args(data_dir, out, runs=2, **overrides):
     for key, value in settings.items():
         args += ['--' + key.replace('_', '-'), str(value)]
     return args
+
+
+def make_experiment(out, margins_full, margins_ablated, random_indices=None, easy_indices=None,
+                    test_acc=None, diverged=None, preset='synthetic', seed=0):
+    """Write a synthetic experiment folder with the store API, with planted margins.
+
+    margins_full, margins_ablated: (runs, k) arrays; the k columns are the random examples, then
+    the easy ones (k // 2 random by default). Each stored logit row puts float16(margin) on the
+    example's label, 0 on one other class and -60000 on the other eight, so the logsumexp of
+    the nine others is exactly 0 and the margin viz.py computes is exactly float16(margin) (nan
+    plants a non-finite run). The other training images get random logits, so reading a wrong
+    column shows. test_acc: {arm: (runs,)}; diverged: {arm: [row, ...]} rows written with status
+    'diverged'. Returns dict(margins={arm: float64 array as stored}, indices, labels, test_acc,
+    config).
+    """
+    import store
+    rng = np.random.default_rng(seed)
+    given = {'full': np.asarray(margins_full, np.float64),
+             'ablated': np.asarray(margins_ablated, np.float64)}
+    k = given['full'].shape[1]
+    if random_indices is None:
+        random_indices = [3 * i for i in range(k // 2)]
+    if easy_indices is None:
+        easy_indices = [100 + 7 * i for i in range(k - len(random_indices))]
+    indices = list(random_indices) + list(easy_indices)
+    assert len(indices) == k
+    labels = rng.integers(0, 10, size=k)
+    n_train = max(indices) + 5
+    runs = max(len(m) for m in given.values())
+    config = dict(runs=runs, random_indices=list(random_indices), easy_indices=list(easy_indices),
+                  preset=preset)
+    stored, accs = {}, {}
+    with mock.patch.object(store.os, 'fsync', lambda fd: None):  # test data needs no durability
+        part, _ = store.open_for_writing(out, config, n_train, runs,
+                                         labels=dict(zip(indices, labels.tolist())))
+        for arm, m in given.items():
+            _write_arm(part, arm, m, indices, labels, n_train, rng, test_acc, diverged,
+                       stored, accs)
+    return dict(margins=stored, indices=indices, labels=labels, test_acc=accs, config=config)
+
+
+def _write_arm(part, arm, m, indices, labels, n_train, rng, test_acc, diverged, stored, accs):
+    acc = rng.uniform(0.9, 0.95, len(m)) if test_acc is None else np.asarray(test_acc[arm])
+    accs[arm] = acc
+    bad = set((diverged or {}).get(arm, []))
+    background = rng.normal(0, 3, size=(n_train, 10))
+    for slot in range(len(m)):
+        logits = background.copy()
+        logits[indices] = -60000.0
+        logits[indices, (labels + 1) % 10] = 0.0
+        logits[indices, labels] = m[slot]
+        part.write_row(arm, slot, logits, dict(seed=slot, test_acc=float(acc[slot]), seconds=1.0,
+                                               status='diverged' if slot in bad else 'ok'))
+    stored[arm] = m.astype(np.float16).astype(np.float64)
