@@ -328,9 +328,7 @@ def header(exp):
     n = {arm: len(exp['runs'][arm]) for arm in store.ARMS}
     lines = [f"{exp['out']}: {n['full']} full and {n['ablated']} ablated runs "
              f"(preset {exp['config']['preset']})"]
-    acc = ', '.join(f"{arm} {exp['test_acc'][arm].mean():.4f}" if n[arm] else f'{arm} n/a'
-                    for arm in store.ARMS)
-    lines.append(f'mean test accuracy: {acc}')
+    lines.append(accuracy_line(accuracy_summary(exp)))
     skipped = sum(exp['diverged'].values())
     if skipped:
         lines.append(f"skipped {skipped} diverged runs ({exp['diverged']['full']} full, "
@@ -370,9 +368,11 @@ def selection_line(rule, alpha, stats):
             f'false positives among the {chosen} selected <= {alpha}, whatever the dependence')
 
 
-def table(exp, stats, show, extras=()):
+def table(exp, stats, show, extras=(), summaries=None, rule=None, alpha=None):
     """The seed's table layout. show: boolean mask (40,) of the rows to print. extras: columns
-    (title, width, list of 40 strings) appended after the p-value; none in the seed's table."""
+    (title, width, list of 40 strings) appended after the p-value; none in the seed's table.
+    summaries (from group_summaries): two lines under each group's "Average:" row, the mean over
+    all of the group's examples and its counts of significant examples under `rule` at alpha."""
     first = 'Example index      margin               self-influence                  p-value'
     if extras:
         first = f'{first:<82s}' + ''.join(f'{title:<{width}s}' for title, width, _ in extras)
@@ -392,19 +392,20 @@ def table(exp, stats, show, extras=()):
         shown = [stats['diff'][i] for i in rows if show[i]]
         average = f'{np.mean(shown):+.3f}' if shown else 'n/a (no rows)'
         lines.append(f"{'Average:':<40s}{average}")
+        if summaries is not None:
+            g = summaries[group]
+            lines.append(f"{f'All {len(members)}:':<40s}{fmt(g['self_influence'], '+.3f'):<32s}"
+                         f"{fmt(g['p'], '.4f')}   {LEVEL:.0%} CI "
+                         f"[{fmt(g['ci_low'], '+.3f')}, {fmt(g['ci_high'], '+.3f')}]")
+            lines.append(f"{'Significant:':<40s}{g['positive']} positive, {g['negative']} "
+                         f"negative ({RULE_NAMES[rule]} < {alpha})")
     return lines
 
 
-def group_lines(groups, rule, alpha):
-    lines = [f'Over all examples of each group ({LEVEL:.0%} CI from Welch\'s test on per-run '
-             f'group-mean margins):']
-    for group, g in groups.items():
-        lines.append(f"{group + ':':<8s}{g['n_examples']:>3d} examples, mean self-influence "
-                     f"{fmt(g['self_influence'], '+.3f')} [{fmt(g['ci_low'], '+.3f')}, "
-                     f"{fmt(g['ci_high'], '+.3f')}], p = {fmt(g['p'], '.4f')}; "
-                     f"{RULE_NAMES[rule]} < {alpha}: {g['positive']} positive, "
-                     f"{g['negative']} negative")
-    return lines
+def summary_note():
+    return ("'Average:' is over the rows shown, so selection inflates it; 'All' is over every "
+            f"example of the group, with a {LEVEL:.0%} CI from Welch's test on per-run group-mean "
+            "margins")
 
 
 def extra_columns(exp, stats, args):
@@ -658,8 +659,8 @@ def main(argv=None):
 
     show = np.ones(m, bool) if args.all else stats['selected']
     lines = header(exp)
-    lines.append(accuracy_line(accuracy))
     lines.append(selection_line(args.select, args.alpha, stats))
+    lines.append(summary_note())
     if args.permutation:
         lines.append(f'perm p: {args.permutation} shuffles of the arm labels (seed {args.seed}), '
                      f"Welch's t as statistic, p = (b + 1) / (K + 1) >= "
@@ -669,8 +670,8 @@ def main(argv=None):
                      f'at level {level:.3g} against the observed effect and variances')
     lines.append(f'all {m} examples' if args.all else f'rows with {RULE_NAMES[args.select]} < '
                  f'{args.alpha} (--all shows all {m})')
-    lines += [''] + table(exp, stats, show, extra_columns(exp, stats, args))
-    lines += [''] + group_lines(groups, args.select, args.alpha)
+    lines += [''] + table(exp, stats, show, extra_columns(exp, stats, args), groups,
+                          args.select, args.alpha)
     print('\n'.join(lines))
 
     if args.csv or args.json:
