@@ -426,6 +426,8 @@ def build_models(make_net, seeds, prepare=None):
     states = [s.state_dict() for s in singles]
     wide.load_state_dict({k: torch.cat([s[k] for s in states]) if v.ndim else v
                           for k, v in wide.state_dict().items()})
+    for name, param in wide.named_parameters():  # frozen in the singles: frozen here too
+        param.requires_grad_(singles[0].get_parameter(name).requires_grad)
     return wide
 
 
@@ -438,6 +440,33 @@ def autocast(device):
     if device.type == 'cuda':
         return torch.autocast('cuda', dtype=torch.bfloat16)
     return torch.autocast('cpu', enabled=False)
+
+
+_EAGER_ONLY = []  # holds the error once torch.compile has failed: from then on all nets run eagerly
+
+
+def maybe_compile(net, config, device):
+    """The net's forward function, compiled when config['compile'] asks for it ('auto' means on
+    CUDA only: on the CPU, compiling took ~60 s and gave no speed-up, see bench.py).
+
+    If compilation fails (no compiler, unsupported platform), this prints one note and runs the
+    net eagerly from then on: the same computation, only slower.
+    """
+    wanted = config['compile'] == 'on' or (config['compile'] == 'auto' and device.type == 'cuda')
+    if not wanted or _EAGER_ONLY:
+        return net
+    compiled = torch.compile(net)
+
+    def forward(x):
+        if not _EAGER_ONLY:
+            try:
+                return compiled(x)
+            except Exception as e:  # compilation errors surface at the first call
+                _EAGER_ONLY.append(e)
+                log(f'note: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running '
+                    f'eagerly from now on (same results, slower)')
+        return net(x)
+    return forward
 
 
 def lr_multiplier_airbench(step, steps):
@@ -467,6 +496,9 @@ def train_airbench94(data, seeds, train_indices, config, device, on_step=None):
     """
     batch_size = config['batch_size']
     whiten_bias_steps = math.ceil(config['whiten_bias_epochs'] * (data['full_size'] // batch_size))
+    if total_steps(config['epochs'], data['full_size'], batch_size) < config['ema_every']:
+        raise SystemExit(f'error: fewer training steps than ema_every ({config["ema_every"]}): '
+                         f'the lookahead average would never take a step; train longer')
 
     # Data-dependent init from images that are in both arms and never among the excluded
     # examples, so that the ablated arm does not see them even through its initialisation.
@@ -522,11 +554,14 @@ def run_training(net, optimizer, data, seeds, train_indices, config, device, *, 
     and on_step(step, steps) are called after each optimizer step (step counts from 1).
     """
     steps = total_steps(config['epochs'], data['full_size'], config['batch_size'])
-    plans = [batch_plans(idx, seed, config['batch_size'], steps, len(data['train_images']))
+    # The whole training's plan goes to the device in one copy: (steps, batch, 6) per model.
+    plans = [torch.stack(batch_plans(idx, seed, config['batch_size'], steps,
+                                     len(data['train_images']))).to(device)
              for seed, idx in zip(seeds, train_indices)]
     aug = dict(flip=config['flip'], translate=config['translate'], cutout=config['cutout'],
                pad_mode=pad_mode)
     scale = 1.0 if reduction == 'sum' else 1.0 / config['batch_size']
+    forward = maybe_compile(net, config, device)
     net.train()
     for step in range(steps):
         x, y = stack_batches(data['train_images'], data['train_labels'],
@@ -535,7 +570,7 @@ def run_training(net, optimizer, data, seeds, train_indices, config, device, *, 
             on = step < group.get('until', steps)
             group['lr'] = group['base_lr'] * schedule(step, steps) * on
         with autocast(device):
-            logits = net(x)
+            logits = forward(x)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                reduction='sum', label_smoothing=config['label_smoothing'])
         optimizer.zero_grad(set_to_none=True)
@@ -552,18 +587,19 @@ def run_training(net, optimizer, data, seeds, train_indices, config, device, *, 
 #############################################
 
 @torch.no_grad()
-def predict(net, images_u8, models, device, tta_level=0, batch_size=1000):
+def predict(net, images_u8, models, device, tta_level=0, batch_size=1000, forward=None):
     """Logits (K, n, 10) float32 of a K-wide net on un-augmented images, in eval mode.
 
     tta_level 0: the images as they are. 1: averaged with their mirror images. 2: also with
     1-pixel translations up-left and down-right (airbench's test-time augmentation).
-    Batches are padded to a fixed size so that a compiled net sees one shape.
+    Batches are padded to a fixed size so that a compiled `forward` sees one shape.
     """
     net.eval()
+    forward = forward or net
 
     def run(x):
         with autocast(device):
-            out = net(x.repeat(1, models, 1, 1).contiguous(memory_format=torch.channels_last))
+            out = forward(x.repeat(1, models, 1, 1).contiguous(memory_format=torch.channels_last))
         return out.float()
 
     def mirror(x):
@@ -646,6 +682,10 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
     config = parse_config(defaults, presets, argv, doc)
     if config['runs'] <= 0:
         raise SystemExit(f'error: --runs must be positive, got {config["runs"]}')
+    if config['compile'] not in ('auto', 'on', 'off'):
+        raise SystemExit(f'error: --compile must be auto, on or off, got {config["compile"]!r}')
+    if config['models_per_device'] < 1:
+        raise SystemExit(f'error: --models-per-device must be at least 1')
     if not config['out']:
         suffix = '' if config['preset'] == 'default' else '_' + config['preset']
         config['out'] = os.path.join('logits', (name(config) if callable(name) else name) + suffix)
@@ -661,7 +701,7 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
     except store.StoreError as e:
         raise SystemExit(f'error: {e}')
     data = prepare_data(config, device)
-    K = max(1, config['models_per_device'])
+    K = config['models_per_device']
     try:
         source = store.save_sources(config['out'], source_files)
         part, todo = store.open_for_writing(
@@ -695,9 +735,12 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
             indices = [data['arm_indices'][arm] for arm, _ in chunk]
             t0 = time.perf_counter()
             net = train_fn(data, seeds, indices, config, device, on_step)
-            train_logits = predict(net, data['train_images'], len(chunk), device)
+            forward = maybe_compile(net, config, device)
+            train_logits = predict(net, data['train_images'], len(chunk), device,
+                                   forward=forward)
             test_acc = accuracy(predict(net, data['test_images'], len(chunk), device,
-                                        tta_level=config['tta_level']), data['test_labels'])
+                                        tta_level=config['tta_level'], forward=forward),
+                                data['test_labels'])
             finite = torch.isfinite(train_logits).flatten(1).all(1)
             train_logits = train_logits.cpu().numpy()
             seconds = (time.perf_counter() - t0) / len(chunk)

@@ -22,7 +22,8 @@ SEED = 0                  # run r of the full arm uses seed SEED + 2r, of the ab
 OUT = ''                  # '' means logits/airbench, or logits/airbench_<preset>
 DATA_DIR = 'data'         # holds cifar-10-batches-py/ or cifar-10-python.tar.gz (else downloads)
 DEVICE = ''               # '' means cuda if available, else cpu
-MODELS_PER_DEVICE = 1     # models trained at once on one device
+MODELS_PER_DEVICE = 1     # models trained at once, side by side in one network (see bench.py)
+COMPILE = 'auto'          # torch.compile: 'auto' (on CUDA only), 'on' or 'off'
 MIN_TEST_ACC = 0.2        # a run with lower test accuracy (chance is 0.1) is recorded as diverged
 PRESET = 'default'
 
