@@ -667,6 +667,34 @@ def prepare_data(config, device):
     return data
 
 
+def train_and_evaluate(train_fn, data, seeds, train_indices, config, device, on_step=None):
+    """Train len(seeds) models at once, then take their logits on the training images and
+    their test accuracy: what one chunk of an experiment costs (bench.py times this too).
+
+    Returns train_logits (K, n_train, 10) float32 numpy, test_acc (K,) and finite (K,) numpy,
+    and seconds: {'train', 'infer', 'test'} wall-clock seconds for the whole chunk.
+    """
+    def now():
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    t0 = now()
+    net = train_fn(data, seeds, train_indices, config, device, on_step)
+    t1 = now()
+    forward = maybe_compile(net, config, device)
+    train_logits = predict(net, data['train_images'], len(seeds), device, forward=forward)
+    finite = torch.isfinite(train_logits).flatten(1).all(1).cpu().numpy()
+    train_logits = train_logits.cpu().numpy()
+    t2 = now()
+    test_acc = accuracy(predict(net, data['test_images'], len(seeds), device,
+                                tta_level=config['tta_level'], forward=forward),
+                        data['test_labels']).cpu().numpy()
+    t3 = now()
+    return dict(train_logits=train_logits, test_acc=test_acc, finite=finite,
+                seconds=dict(train=t1 - t0, infer=t2 - t1, test=t3 - t2))
+
+
 class Stop(Exception):
     """Raised between training steps after SIGTERM: the run in flight is abandoned."""
 
@@ -733,21 +761,13 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
             chunk = todo[start:start + K]
             seeds = [config['seed'] + 2 * slot + store.ARMS.index(arm) for arm, slot in chunk]
             indices = [data['arm_indices'][arm] for arm, _ in chunk]
-            t0 = time.perf_counter()
-            net = train_fn(data, seeds, indices, config, device, on_step)
-            forward = maybe_compile(net, config, device)
-            train_logits = predict(net, data['train_images'], len(chunk), device,
-                                   forward=forward)
-            test_acc = accuracy(predict(net, data['test_images'], len(chunk), device,
-                                        tta_level=config['tta_level'], forward=forward),
-                                data['test_labels'])
-            finite = torch.isfinite(train_logits).flatten(1).all(1)
-            train_logits = train_logits.cpu().numpy()
-            seconds = (time.perf_counter() - t0) / len(chunk)
+            result = train_and_evaluate(train_fn, data, seeds, indices, config, device, on_step)
+            finite, test_acc = result['finite'], result['test_acc']
+            seconds = sum(result['seconds'].values()) / len(chunk)
             for k, (arm, slot) in enumerate(chunk):
                 acc = float(test_acc[k])
                 diverged = not finite[k] or acc < config['min_test_acc']
-                part.write_row(arm, slot, train_logits[k], dict(
+                part.write_row(arm, slot, result['train_logits'][k], dict(
                     seed=seeds[k], test_acc=acc, seconds=round(seconds, 3),
                     status='diverged' if diverged else 'ok', models_at_once=len(chunk),
                     session=len(part.meta['sessions']) - 1,
