@@ -348,10 +348,10 @@ def stack_batches(images_u8, labels, plans, **aug):
 #                 Network                   #
 #############################################
 
-def conv(c_in, c_out, kernel, models, padding='same', bias=False):
+def conv(c_in, c_out, kernel, models, padding='same', bias=False, stride=1):
     """A convolution of K = `models` independent models: K groups of c_in -> c_out channels."""
-    return nn.Conv2d(c_in * models, c_out * models, kernel, padding=padding, bias=bias,
-                     groups=models)
+    return nn.Conv2d(c_in * models, c_out * models, kernel, stride=stride, padding=padding,
+                     bias=bias, groups=models)
 
 
 class Head(nn.Module):
