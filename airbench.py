@@ -455,18 +455,26 @@ def maybe_compile(net, config, device):
     wanted = config['compile'] == 'on' or (config['compile'] == 'auto' and device.type == 'cuda')
     if not wanted or _EAGER_ONLY:
         return net
-    compiled = torch.compile(net)
+    try:
+        compiled = torch.compile(net)  # some platforms refuse here (e.g. an unsupported Python)
+    except Exception as e:
+        _fall_back_to_eager(e)
+        return net
 
     def forward(x):
         if not _EAGER_ONLY:
             try:
                 return compiled(x)
-            except Exception as e:  # compilation errors surface at the first call
-                _EAGER_ONLY.append(e)
-                log(f'note: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running '
-                    f'eagerly from now on (same results, slower)')
+            except Exception as e:  # most compilation errors surface at the first call
+                _fall_back_to_eager(e)
         return net(x)
     return forward
+
+
+def _fall_back_to_eager(error):
+    _EAGER_ONLY.append(error)
+    log(f'note: torch.compile failed ({type(error).__name__}: {str(error)[:200]}); running '
+        f'eagerly from now on (same results, slower)')
 
 
 def lr_multiplier_airbench(step, steps):

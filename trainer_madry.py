@@ -31,12 +31,14 @@ SEED = 0                  # run r of the full arm uses seed SEED + 2r, of the ab
 OUT = ''                  # '' means logits/madry (or logits/madry_nocutout), plus _<preset>
 DATA_DIR = 'data'         # holds cifar-10-batches-py/ or cifar-10-python.tar.gz (else downloads)
 DEVICE = ''               # '' means cuda if available, else cpu
-MODELS_PER_DEVICE = 1     # models trained at once on one device
+MODELS_PER_DEVICE = 1     # models trained at once, side by side in one network (see bench.py)
+COMPILE = 'auto'          # torch.compile: 'auto' (on CUDA only), 'on' or 'off'
+MIN_TEST_ACC = 0.2        # a run with lower test accuracy (chance is 0.1) is recorded as diverged
 PRESET = 'default'
 
 # -----------------------------------------------------------------------------
 # The recipe: ResNet-9 as in MadryLab's datamodels CIFAR-10 example
-EPOCHS = 24.0             # in steps of the full arm: ceil(24 * (50040 // 512)) = 2328 steps
+EPOCHS = 24.0             # in steps of the full arm: ceil(24 * (50000 // 512)) = 2328 steps
 BATCH_SIZE = 512          # images per step
 LR = 0.5                  # peak learning rate; the loss is each model's mean over its batch
 LR_PEAK_EPOCH = 5.0       # the lr rises linearly from 0 to LR here, then falls to 0 at the end

@@ -172,8 +172,9 @@ def test_end_to_end_then_viz(tiny_data, tmp_path, capsys):
     assert '2 full and 2 ablated runs' in printed
     lines = printed.splitlines()
     start = lines.index('Random examples:')
-    assert [line.split()[0] for line in lines[start:start + 8]] == \
-        ['Random', '0', '1', 'Average:', 'Easy', '2', '3', 'Average:']
+    assert [line.split()[0] for line in lines[start:start + 12]] == \
+        ['Random', '0', '1', 'Average:', 'All', 'Significant:',
+         'Easy', '2', '3', 'Average:', 'All', 'Significant:']
 
 
 def test_without_cutout_the_default_folder_is_madry_nocutout(tiny_data, tmp_path, monkeypatch):
