@@ -721,7 +721,7 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
     if config['compile'] not in ('auto', 'on', 'off'):
         raise SystemExit(f'error: --compile must be auto, on or off, got {config["compile"]!r}')
     if config['models_per_device'] < 1:
-        raise SystemExit(f'error: --models-per-device must be at least 1')
+        raise SystemExit('error: --models-per-device must be at least 1')
     if not config['out']:
         suffix = '' if config['preset'] == 'default' else '_' + config['preset']
         config['out'] = os.path.join('logits', (name(config) if callable(name) else name) + suffix)
@@ -788,8 +788,8 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
     except Stop:
         steps_bar.close()
         bar.close()
-        log(f'stopped by SIGTERM; the run in flight was abandoned. Rerun the same command to '
-            f'resume.')
+        log('stopped by SIGTERM; the run in flight was abandoned. Rerun the same command to '
+            'resume.')
         raise SystemExit(128 + signal.SIGTERM)
     except OSError as e:
         raise SystemExit(f'error: writing results to {config["out"]} failed: {e}. Finished runs '

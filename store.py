@@ -14,6 +14,7 @@ the rows in flight, and a half-written row is never counted.
 
 This module needs only numpy, so that viz.py can read results without importing torch.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -36,12 +37,14 @@ class StoreError(Exception):
 # -----------------------------------------------------------------------------
 #                                 Small file helpers
 
-def write_json_atomic(path, obj):
-    """Write JSON so that `path` holds either the old or the new contents, never a mix."""
+@contextlib.contextmanager
+def _replacing(path, mode):
+    """Open a temporary file to be written; on success it is fsync'd and replaces `path`
+    (so `path` holds either the old or the new contents, never a mix); on failure it is removed."""
     tmp = f'{path}.tmp{os.getpid()}'
     try:
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=1)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,6 +52,11 @@ def write_json_atomic(path, obj):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json_atomic(path, obj):
+    with _replacing(path, 'w') as f:
+        json.dump(obj, f, indent=1)
 
 
 def read_json(path):
@@ -106,24 +114,15 @@ def _create_array(path, rows, n_train, copy_rows_from=None):
     """Create (atomically) a zero-filled array file; optionally carry rows over from an old one."""
     header = _npy_header(rows, n_train)
     row_bytes = n_train * NUM_CLASSES * DTYPE.itemsize
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(header)
-            f.truncate(len(header) + rows * row_bytes)  # sparse: unwritten rows take no disk
-            if copy_rows_from is not None:
-                old_path, old_rows = copy_rows_from
-                old = np.load(old_path, mmap_mode='r')
-                for r in old_rows:
-                    f.seek(len(header) + r * row_bytes)
-                    f.write(np.ascontiguousarray(old[r]).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _replacing(path, 'wb') as f:
+        f.write(header)
+        f.truncate(len(header) + rows * row_bytes)  # sparse: unwritten rows take no disk
+        if copy_rows_from is not None:
+            old_path, old_rows = copy_rows_from
+            old = np.load(old_path, mmap_mode='r')
+            for r in old_rows:
+                f.seek(len(header) + r * row_bytes)
+                f.write(np.ascontiguousarray(old[r]).tobytes())
 
 
 def open_array(path, expect_rows=None, expect_n_train=None):

@@ -53,7 +53,7 @@ PRESETS = {
     # Two runs per arm on all 50,000 images, to check the pipeline end to end in ~2 CPU minutes.
     'smoke': dict(runs=2, widths=[16, 32, 32], epochs=1.0, batch_size=500, tta_level=0),
     # The experiment at CPU scale: see README.md for why it trains on a subset.
-    'cpu': dict(runs=16, train_subset=5000, widths=[32, 64, 64], epochs=30.0, batch_size=250,
+    'cpu': dict(runs=16, train_subset=5000, widths=[16, 64, 64], epochs=30.0, batch_size=250,
                 tta_level=0),
 }
 

@@ -62,8 +62,9 @@ PRESETS = {
                   tta_level=0),
     # The experiment at CPU scale: a narrower net on the first 5000 images plus the 40 (underfit
     # models memorise too little for the random examples' positive self-influence to show).
-    'cpu': dict(runs=16, train_subset=5000, widths=[16, 32, 64, 32], epochs=20.0,
-                lr_peak_epoch=4.0, batch_size=256, tta_level=0),
+    # Measured: ~55 s per training on 2 cores, ~64% test accuracy.
+    'cpu': dict(runs=16, train_subset=5000, widths=[8, 16, 32, 16], epochs=30.0,
+                lr_peak_epoch=6.0, batch_size=256, tta_level=0),
 }
 
 

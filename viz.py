@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import math
-import sys
 
 import numpy as np
 import scipy.stats
@@ -95,15 +94,8 @@ def bh_qvalues(p):
     smallest false-discovery-rate level at which BH would select that example. Non-finite p
     (an example without a test) give nan and do not count in m.
     """
-    p = np.asarray(p, np.float64)
-    q = np.full(p.shape, np.nan)
-    finite = np.flatnonzero(np.isfinite(p))
-    m = len(finite)
-    if m:
-        order = finite[np.argsort(p[finite], kind='stable')]
-        scaled = p[order] * m / np.arange(1, m + 1)
-        q[order] = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
-    return q
+    return _adjust_sorted(p, lambda p_sorted, m: np.minimum.accumulate(
+        (p_sorted * m / np.arange(1, m + 1))[::-1])[::-1])
 
 
 def holm(p):
@@ -112,14 +104,19 @@ def holm(p):
     With the m finite p-values sorted, adjusted_(i) = max over j <= i of (m - j + 1) p_(j),
     capped at 1; selecting adjusted < alpha keeps the family-wise error rate below alpha.
     """
+    return _adjust_sorted(p, lambda p_sorted, m: np.maximum.accumulate(
+        p_sorted * (m - np.arange(m))))
+
+
+def _adjust_sorted(p, adjust):
+    """Apply adjust(sorted finite p-values, m) to the finite entries of p, capped at 1; nan
+    elsewhere."""
     p = np.asarray(p, np.float64)
     adjusted = np.full(p.shape, np.nan)
     finite = np.flatnonzero(np.isfinite(p))
-    m = len(finite)
-    if m:
+    if len(finite):
         order = finite[np.argsort(p[finite], kind='stable')]
-        scaled = p[order] * (m - np.arange(m))
-        adjusted[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+        adjusted[order] = np.minimum(1.0, adjust(p[order], len(finite)))
     return adjusted
 
 
@@ -241,6 +238,14 @@ def analyse(exp, alpha, rule):
     return stats
 
 
+def group_rows(exp):
+    """(group name, range of its rows among the 40) for each group, in table order."""
+    start = 0
+    for group, members in exp['groups'].items():
+        yield group, range(start, start + len(members))
+        start += len(members)
+
+
 def group_summaries(exp, stats):
     """Per group: the mean self-influence over ALL its examples with a 95% CI, and the counts
     of selected examples with positive and with negative self-influence.
@@ -257,15 +262,13 @@ def group_summaries(exp, stats):
     margin in the group is left out of that group's summary.
     """
     out = {}
-    offset = 0
-    for group, members in exp['groups'].items():
-        cols = slice(offset, offset + len(members))
-        offset += len(members)
+    for group, rows in group_rows(exp):
+        cols = slice(rows.start, rows.stop)
         per_run = {arm: exp['margins'][arm][:, cols].astype(np.float64).mean(axis=1)[:, None]
-                   if members else np.zeros((0, 1)) for arm in store.ARMS}
+                   if len(rows) else np.zeros((0, 1)) for arm in store.ARMS}
         w = {k: v[0] for k, v in welch(per_run['full'], per_run['ablated']).items()}
         selected, diff = stats['selected'][cols], stats['diff'][cols]
-        out[group] = dict(n_examples=len(members), self_influence=float(w['diff']),
+        out[group] = dict(n_examples=len(rows), self_influence=float(w['diff']),
                           ci_low=float(w['ci_low']), ci_high=float(w['ci_high']),
                           p=float(w['p']), n_full=int(w['n_a']), n_ablated=int(w['n_b']),
                           positive=int((selected & (diff > 0)).sum()),
@@ -377,11 +380,8 @@ def table(exp, stats, show, extras=(), summaries=None, rule=None, alpha=None):
     if extras:
         first = f'{first:<82s}' + ''.join(f'{title:<{width}s}' for title, width, _ in extras)
     lines = [first.rstrip(), '                with    without']
-    offset = 0
-    for group, members in exp['groups'].items():
+    for group, rows in group_rows(exp):
         lines.append(f'{group} examples:')
-        rows = range(offset, offset + len(members))
-        offset += len(members)
         for i in rows:
             if show[i]:
                 p = 'n/a' if np.isnan(stats['p'][i]) else f"{stats['p'][i]:.4f}"
@@ -394,7 +394,7 @@ def table(exp, stats, show, extras=(), summaries=None, rule=None, alpha=None):
         lines.append(f"{'Average:':<40s}{average}")
         if summaries is not None:
             g = summaries[group]
-            lines.append(f"{f'All {len(members)}:':<40s}{fmt(g['self_influence'], '+.3f'):<32s}"
+            lines.append(f"{f'All {len(rows)}:':<40s}{fmt(g['self_influence'], '+.3f'):<32s}"
                          f"{fmt(g['p'], '.4f')}   {LEVEL:.0%} CI "
                          f"[{fmt(g['ci_low'], '+.3f')}, {fmt(g['ci_high'], '+.3f')}]")
             lines.append(f"{'Significant:':<40s}{g['positive']} positive, {g['negative']} "
@@ -515,10 +515,9 @@ def plot(path, exp, stats):
                                       gridspec_kw=dict(width_ratios=[2.2, 1]))
     fig.suptitle(f"Self-influence in {exp['out']} (preset {exp['config']['preset']}): "
                  f"{n['full']} runs with, {n['ablated']} without the 40")
-    x, ticks, offset, position = [], [], 0, 0
-    for colour, (group, members) in zip(('tab:blue', 'tab:orange'), exp['groups'].items()):
-        idx = offset + np.argsort(stats['diff'][offset:offset + len(members)], kind='stable')
-        offset += len(members)
+    x, ticks, position = [], [], 0
+    for colour, (group, rows) in zip(('tab:blue', 'tab:orange'), group_rows(exp)):
+        idx = rows.start + np.argsort(stats['diff'][rows.start:rows.stop], kind='stable')
         pos = position + np.arange(len(idx))
         position += len(idx) + 1  # a gap between the groups
         low, high = stats['ci_low'][idx], stats['ci_high'][idx]
@@ -578,11 +577,8 @@ def side_by_side(experiments, rule, alpha):
                   + ''.join(f'{f"({k})":<12s}' for k in range(1, len(experiments) + 1))).rstrip())
     first = experiments[0][0]
     summaries = [group_summaries(e, s) for e, s in experiments]
-    offset = 0
-    for group, members in first['groups'].items():
+    for group, rows in group_rows(first):
         lines.append(f'{group} examples:')
-        rows = range(offset, offset + len(members))
-        offset += len(members)
         for i in rows:
             cells = ''.join(f"{fmt(s['diff'][i], '+.3f') + ('*' if s['selected'][i] else ''):<12s}"
                             for _, s in experiments)

@@ -82,38 +82,6 @@ def test_optimizer_uses_the_triangle_per_iteration(tiny_data):
     assert {s[1:] for s in seen} == {(0.9, False, 5e-4)}
 
 
-def test_both_arms_take_the_same_number_of_optimizer_steps(tiny_data):
-    config, data = tiny_setup(tiny_data, epochs=3.0, batch_size=100, widths=NARROW)
-    counts = []
-    hook = register_optimizer_step_post_hook(lambda *args: counts.append(1))
-    try:
-        per_arm = {}
-        for arm in ('full', 'ablated'):
-            counts.clear()
-            train(data, config, 0, arm)
-            per_arm[arm] = len(counts)
-    finally:
-        hook.remove()
-    # 300 full and 296 ablated images at batch 100: 3 steps per epoch in both, from the full arm.
-    assert per_arm == {'full': 9, 'ablated': 9}
-
-
-def test_ablated_arm_never_sees_the_excluded_examples(tiny_data):
-    """Replace the 4 excluded images and labels by others: the ablated arm must not change at
-    all (weights and BatchNorm statistics bit-identical); the full arm must."""
-    config, data = tiny_setup(tiny_data, widths=NARROW)
-    excluded = data['excluded']
-    changed = {k: v.clone() for k, v in data.items() if isinstance(v, torch.Tensor)}
-    changed['train_images'][excluded] = 255 - changed['train_images'][excluded]
-    changed['train_labels'][excluded] = (changed['train_labels'][excluded] + 1) % 10
-    changed = {**data, **changed}
-    for arm, should_match in (('ablated', True), ('full', False)):
-        a = train(dict(data), config, 11, arm).state_dict()
-        b = train(dict(changed), config, 11, arm).state_dict()
-        same = all(torch.equal(a[k], b[k]) for k in a)
-        assert same == should_match, arm
-
-
 def test_k_wide_net_is_k_single_nets_side_by_side():
     widths = [4, 8, 8, 8]
     make = lambda models: trainer_madry.resnet9(models, widths)
