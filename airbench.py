@@ -91,7 +91,9 @@ def parse_config(defaults, presets, argv=None, description=None):
     for name, preset in presets.items():
         unknown = set(preset) - set(defaults)
         assert not unknown, f'preset {name!r} sets unknown keys {sorted(unknown)}'
-    parser = argparse.ArgumentParser(description=description)
+    # No abbreviations: --epoch must not quietly mean --epochs, nor stop working when a
+    # constant --epoch... is added later.
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for key, default in defaults.items():
         choices = ['default', *presets] if key == 'preset' else None
         parser.add_argument('--' + key.replace('_', '-'), type=_parser_for(default), default=None,

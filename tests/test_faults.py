@@ -202,6 +202,14 @@ def test_bad_settings_are_refused_in_one_line(tiny_data, tmp_path, flags, messag
         trainer_airbench.main(args_for(tiny_data, str(tmp_path / 'exp'), **flags))
 
 
+@pytest.mark.parametrize('flag', ['--epoch', '--learning-rate', '--RUNS'])
+def test_unknown_or_abbreviated_flags_are_refused(tiny_data, tmp_path, flag, capsys):
+    with pytest.raises(SystemExit):
+        trainer_airbench.main([flag, '3', '--out', str(tmp_path / 'exp')])
+    assert f'unrecognized arguments: {flag} 3' in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 'exp')
+
+
 def test_unwritable_output_and_missing_batch_file(tiny_data, tmp_path):
     blocker = tmp_path / 'a-file'
     blocker.write_text('not a folder')
