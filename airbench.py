@@ -449,7 +449,8 @@ _EAGER_ONLY = []  # holds the error once torch.compile has failed: from then on 
 
 def maybe_compile(net, config, device):
     """The net's forward function, compiled when config['compile'] asks for it ('auto' means on
-    CUDA only: on the CPU, compiling took ~60 s and gave no speed-up, see bench.py).
+    CUDA only: on 2 CPU cores compiling took 30-60 s per process and then trained 1.2-1.4x
+    faster (bench.py), which pays for long experiments only; the cpu presets turn it on).
 
     If compilation fails (no compiler, unsupported platform), this prints one note and runs the
     net eagerly from then on: the same computation, only slower.
