@@ -761,9 +761,9 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
     def on_step(step, steps):
         if stop_requested:
             raise Stop
-        steps_bar.total = steps
-        steps_bar.n = step
-        steps_bar.refresh() if step == steps else steps_bar.update(0)
+        if step == 1:  # a fresh bar per chunk of runs, so that its rate and ETA are this one's
+            steps_bar.reset(total=steps)
+        steps_bar.update(1)
 
     try:
         for start in range(0, len(todo), K):

@@ -1,5 +1,9 @@
-"""Both trainers, both arms: equal optimizer step counts, and the ablated arm never seeing the 40
-excluded examples (not through the data, the labels, or a data-dependent initialisation)."""
+"""Both trainers, both arms: equal optimizer step counts, the ablated arm never seeing the 40
+excluded examples (not through the data, the labels, or a data-dependent initialisation), and a
+run end to end on a tiny dataset in the official layout, then viz.py."""
+import os
+
+import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -7,13 +11,18 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import airbench
 import trainer_airbench
 import trainer_madry
-from conftest import AIRBENCH_TINY, tiny_args
+import viz
+from conftest import AIRBENCH_TINY, MADRY_TINY, read_meta, tiny_args
 
 TRAINERS = {
     'airbench': (trainer_airbench, airbench.train_airbench94, AIRBENCH_TINY),
     'madry': (trainer_madry, trainer_madry.train_madry,
               dict(widths='[4,8,8,8]', lr_peak_epoch=0.5)),
 }
+# End to end: flags that make each trainer learn the tiny data, and the test accuracy its runs
+# must then beat (airbench's 2-epoch tiny runs are far from converged; test_training.py checks
+# that it learns).
+END_TO_END = {'airbench': (AIRBENCH_TINY, 0.0), 'madry': (MADRY_TINY, 0.2)}
 
 
 def setup(name, data_dir, **overrides):
@@ -62,3 +71,38 @@ def test_ablated_arm_never_sees_the_excluded_examples(name, tiny_data):
         b = train(dict(changed), 11, arm).state_dict()
         same = all(torch.equal(a[k], b[k]) for k in a)
         assert same == should_match, arm
+
+
+@pytest.mark.parametrize('name', TRAINERS)
+def test_end_to_end_then_viz(name, tiny_data, tmp_path, capsys):
+    module = TRAINERS[name][0]
+    flags, min_acc = END_TO_END[name]
+    out = str(tmp_path / 'exp')
+    argv = tiny_args(tiny_data, out, runs=2, **flags)
+    module.main(argv)
+    for arm in ('full', 'ablated'):
+        logits = np.load(os.path.join(out, f'{arm}.npy'), mmap_mode='r')
+        assert logits.shape == (2, 300, 10) and logits.dtype == np.float16
+        assert np.isfinite(logits).all() and np.abs(logits).sum(axis=(1, 2)).min() > 0
+    meta = read_meta(out)
+    # The whole config is saved with the results, exactly as the flags made it.
+    assert meta['config'] == airbench.parse_config(module.CONFIG, module.PRESETS, argv)
+    assert meta['config']['random_indices'] == [0, 1] and meta['config']['runs'] == 2
+    for arm, offset in (('full', 0), ('ablated', 1)):
+        rows = meta['rows'][arm]
+        assert [r['slot'] for r in rows] == [0, 1] and all(r['complete'] for r in rows)
+        assert [r['seed'] for r in rows] == [offset, 2 + offset]
+        assert all(min_acc < r['test_acc'] <= 1 and r['seconds'] > 0 and r['status'] == 'ok'
+                   for r in rows)
+    assert meta['sessions'][0]['torch'] and meta['sessions'][0]['source']
+    assert os.path.isdir(os.path.join(out, 'source', meta['sessions'][0]['source']))
+
+    capsys.readouterr()
+    viz.main([out, '--all'])
+    printed = capsys.readouterr().out
+    assert '2 full and 2 ablated runs' in printed
+    lines = printed.splitlines()
+    start = lines.index('Random examples:')
+    assert [line.split()[0] for line in lines[start:start + 12]] == \
+        ['Random', '0', '1', 'Average:', 'All', 'Significant:',
+         'Easy', '2', '3', 'Average:', 'All', 'Significant:']

@@ -1,7 +1,6 @@
 """Faults injected on purpose: kill/terminate, shards, extension, full disk, divergence, damaged
 files and bad settings. Nothing finished may be lost, and each error is one clear line."""
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -15,18 +14,10 @@ import airbench
 import store
 import trainer_airbench
 import viz
-from conftest import AIRBENCH_TINY, tiny_args
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from conftest import AIRBENCH_TINY, REPO, read_meta, tiny_args
 
 def args_for(tiny_data, out, **kw):
     return tiny_args(tiny_data, out, **{**AIRBENCH_TINY, **kw})
-
-
-def read_meta(folder):
-    with open(os.path.join(folder, 'meta.json')) as f:
-        return json.load(f)
 
 
 def wait_for_complete_row(folder, proc, timeout=600):

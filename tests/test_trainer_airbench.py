@@ -1,5 +1,5 @@
-"""trainer_airbench.py end to end on a tiny dataset in the official layout, then viz.py."""
-import json
+"""trainer_airbench.py on a tiny dataset in the official layout: reruns, resume after kill -9,
+changed settings, offline (both trainers end to end: test_arms.py)."""
 import os
 import signal
 import subprocess
@@ -11,48 +11,11 @@ import pytest
 
 import airbench
 import trainer_airbench
-import viz
-from conftest import AIRBENCH_TINY, tiny_args
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import AIRBENCH_TINY, REPO, read_meta, tiny_args
 
 
 def args_for(tiny_data, out, **kw):
     return tiny_args(tiny_data, out, **{**AIRBENCH_TINY, **kw})
-
-
-def read_meta(out):
-    with open(os.path.join(out, 'meta.json')) as f:
-        return json.load(f)
-
-
-def test_end_to_end_then_viz(tiny_data, tmp_path, capsys):
-    out = str(tmp_path / 'exp')
-    trainer_airbench.main(args_for(tiny_data, out, runs=2))
-    for arm in ('full', 'ablated'):
-        logits = np.load(os.path.join(out, f'{arm}.npy'), mmap_mode='r')
-        assert logits.shape == (2, 300, 10) and logits.dtype == np.float16
-        assert np.isfinite(logits).all() and np.abs(logits).sum(axis=(1, 2)).min() > 0
-    meta = read_meta(out)
-    assert meta['config']['random_indices'] == [0, 1] and meta['config']['runs'] == 2
-    for arm, offset in (('full', 0), ('ablated', 1)):
-        rows = meta['rows'][arm]
-        assert [r['slot'] for r in rows] == [0, 1] and all(r['complete'] for r in rows)
-        assert [r['seed'] for r in rows] == [offset, 2 + offset]
-        assert all(0 <= r['test_acc'] <= 1 and r['seconds'] > 0 and r['status'] == 'ok'
-                   for r in rows)
-    assert meta['sessions'][0]['torch'] and meta['sessions'][0]['source']
-    assert os.path.isdir(os.path.join(out, 'source', meta['sessions'][0]['source']))
-
-    capsys.readouterr()
-    viz.main([out, '--all'])
-    printed = capsys.readouterr().out
-    assert '2 full and 2 ablated runs' in printed
-    lines = printed.splitlines()
-    start = lines.index('Random examples:')
-    assert [line.split()[0] for line in lines[start:start + 12]] == \
-        ['Random', '0', '1', 'Average:', 'All', 'Significant:',
-         'Easy', '2', '3', 'Average:', 'All', 'Significant:']
 
 
 def test_rerun_of_a_finished_experiment_changes_nothing(tiny_data, tmp_path):

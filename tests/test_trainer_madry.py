@@ -1,21 +1,14 @@
-"""trainer_madry.py: the ResNet-9, its recipe, the two arms, and a run end to end on tiny data."""
-import json
+"""trainer_madry.py: the ResNet-9, its recipe and its presets (both trainers end to end: test_arms.py)."""
 import os
 
-import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import airbench
 import trainer_madry
-import viz
-from conftest import tiny_args
+from conftest import MADRY_TINY, read_meta, tiny_args
 
-# A small ResNet-9 that learns the tiny data in tiny_args' 2 epochs (12 steps): the lr peaks after
-# half an epoch, and faster BatchNorm statistics settle in those few steps (at PyTorch's 0.1 the
-# running statistics would still be 28% their initial values, and the test accuracy near chance).
-MADRY_TINY = dict(widths='[8,16,16,16]', lr=0.2, lr_peak_epoch=0.5, bn_momentum=0.5)
 NARROW = '[4,8,8,8]'  # faster, for tests that need no accuracy
 
 
@@ -28,11 +21,6 @@ def tiny_setup(data_dir, **overrides):
 def train(data, config, seed, arm):
     return trainer_madry.train_madry(data, [seed], [data['arm_indices'][arm]], config,
                                      torch.device('cpu'))
-
-
-def read_meta(out):
-    with open(os.path.join(out, 'meta.json')) as f:
-        return json.load(f)
 
 
 def test_parameter_count_at_full_width():
@@ -116,33 +104,6 @@ def test_augmentation_follows_the_cutout_switch(tiny_data, monkeypatch):
         train(data, config, 0, 'full')
         assert calls and all(kw == dict(flip=True, translate=2, cutout=size, pad_mode='constant')
                              for kw in calls)
-
-
-def test_end_to_end_then_viz(tiny_data, tmp_path, capsys):
-    out = str(tmp_path / 'exp')
-    trainer_madry.main(tiny_args(tiny_data, out, runs=2, **MADRY_TINY))
-    for arm in ('full', 'ablated'):
-        logits = np.load(os.path.join(out, f'{arm}.npy'), mmap_mode='r')
-        assert logits.shape == (2, 300, 10) and logits.dtype == np.float16
-        assert np.isfinite(logits).all() and np.abs(logits).sum(axis=(1, 2)).min() > 0
-    meta = read_meta(out)
-    config = meta['config']
-    assert config['cutout'] is True and config['cutout_size'] == 4 and config['lr'] == 0.2
-    for arm, offset in (('full', 0), ('ablated', 1)):
-        rows = meta['rows'][arm]
-        assert [r['slot'] for r in rows] == [0, 1] and all(r['complete'] for r in rows)
-        assert [r['seed'] for r in rows] == [offset, 2 + offset]
-        assert all(0.2 < r['test_acc'] <= 1 and r['status'] == 'ok' for r in rows)
-
-    capsys.readouterr()
-    viz.main([out, '--all'])
-    printed = capsys.readouterr().out
-    assert '2 full and 2 ablated runs' in printed
-    lines = printed.splitlines()
-    start = lines.index('Random examples:')
-    assert [line.split()[0] for line in lines[start:start + 12]] == \
-        ['Random', '0', '1', 'Average:', 'All', 'Significant:',
-         'Easy', '2', '3', 'Average:', 'All', 'Significant:']
 
 
 def test_without_cutout_the_default_folder_is_madry_nocutout(tiny_data, tmp_path, monkeypatch):

@@ -12,9 +12,8 @@ import scipy.stats
 
 import store
 import viz
-from conftest import make_experiment
+from conftest import REPO, make_experiment
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EASY = [245, 298, 137, 206, 182, 295, 224, 114, 259, 179,  # unsorted, as the real ones;
         227, 141, 231, 140, 215, 290, 236, 112, 189, 220]  # small, to keep the files small
 ROW = re.compile(r'^(\d+)\s+(-?\d+\.\d+)\s+(-?\d+\.\d+)\s+([+-]\d+\.\d+)\s+(n/a|\d\.\d+)(.*)$')
