@@ -32,6 +32,7 @@ import store
 
 LEVEL = 0.95          # confidence level of every interval
 POWER = 0.8           # target power of --power
+MAX_RUNS_SHOWN = 1e6  # --power prints larger run counts as '>1e+06' (the exports keep them)
 FIGSIZE = (12, 5)     # inches; with DPI the PNG of --plot is 1200 x 500 pixels
 DPI = 100
 
@@ -426,7 +427,11 @@ def extra_columns(exp, stats, args):
             if stats['selected'][i]:
                 return '-'
             n = stats['runs_needed'][i]
-            return 'n/a' if np.isnan(n) else 'never' if np.isinf(n) else f'{n:.0f}'
+            if np.isnan(n):
+                return 'n/a'
+            # An effect that small is out of reach of any experiment: no point in its digits.
+            return 'never' if np.isinf(n) else f'>{MAX_RUNS_SHOWN:.0e}' if n > MAX_RUNS_SHOWN \
+                else f'{n:.0f}'
         cols.append(('runs/arm', 10, [needed(i) for i in range(m)]))
     return cols
 

@@ -193,7 +193,10 @@ def test_permutation_and_power_columns(planted, capsys):
             a, b = planted['margins']['full'][:, i], planted['margins']['ablated'][:, i]
             z = scipy.stats.norm.isf(0.005) + scipy.stats.norm.isf(0.2)
             normal = z ** 2 * (a.var(ddof=1) + b.var(ddof=1)) / (a.mean() - b.mean()) ** 2
-            assert normal <= int(needed) <= normal + 5
+            if needed == '>1e+06':
+                assert normal > 1e6
+            else:
+                assert normal <= int(needed) <= normal + 5
 
 
 def test_csv_and_json_round_trip(planted, tmp_path, capsys):
@@ -338,3 +341,23 @@ def test_experiment_without_labels_is_a_clear_error(tmp_path):
     store.write_json_atomic(os.path.join(out, 'meta.json'), meta)
     with pytest.raises(SystemExit, match='no class labels'):
         viz.main([out])
+
+
+def test_power_column_for_effects_out_of_reach(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    full = rng.normal(0.0, 0.3, size=(10, 4))
+    ablated = full[::-1].copy()  # the same values in another order: equal means, no effect
+    ablated[0, 1] += 0.005  # a mean difference of 0.0005 against variances of about 0.1
+    out = str(tmp_path / 'tiny-effects')
+    made = make_experiment(out, full, ablated)
+    json_path = str(tmp_path / 'rows.json')
+    rows = table_rows(run_viz([out, '--all', '--power', '--json', json_path], capsys))
+    needed = {index: rows[index][4].strip() for index in made['indices']}
+    assert needed[made['indices'][0]] == 'never'
+    assert needed[made['indices'][1]] == '>1e+06'
+    with open(json_path) as f:
+        exported = json.load(f)['rows'][1]['runs_needed']
+    a, b = made['margins']['full'][:, 1], made['margins']['ablated'][:, 1]
+    z = scipy.stats.norm.isf(0.005) + scipy.stats.norm.isf(0.2)
+    normal = z ** 2 * (a.var(ddof=1) + b.var(ddof=1)) / (a.mean() - b.mean()) ** 2
+    assert exported > 1e6 and abs(exported - normal) <= 5  # the export keeps the number
