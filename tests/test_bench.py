@@ -59,5 +59,5 @@ def test_viz_at_full_size(capsys):
     bench.main(['--viz'])
     printed = capsys.readouterr().out
     seconds = float(re.search(r'second \(warm cache\) run: ([\d.]+) s', printed)[1])
-    peak = float(re.search(r'peak memory so far (\d+) MiB', printed)[1])
+    peak = float(re.search(r'second \(warm cache\) run: [\d.]+ s, peak memory (\d+) MiB', printed)[1])
     assert seconds <= 3.0 and peak <= 1024
