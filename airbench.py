@@ -275,28 +275,37 @@ def total_steps(epochs, full_size, batch_size):
 RANDOM_BITS = 20  # augmentation draws are integers in [0, 2**20), scaled to a range by `augment`
 
 
-def batch_plans(train_indices, seed, batch_size, steps, num_images):
+def derived_seed(seed, purpose):
+    """A 63-bit seed for one use of a run's seed. The weights are drawn from torch.manual_seed(seed)
+    and the data order from a generator of its own: seeding both with the same number would make
+    them read one and the same random bit stream (both are mt19937)."""
+    digest = hashlib.sha256(f'{purpose}:{seed}'.encode()).digest()
+    return int.from_bytes(digest[:8], 'little') >> 1
+
+
+def batch_plans(train_indices, seed, batch_size, steps, num_images, alternate_flip=True):
     """The data order and augmentation of one training: a (batch_size, 6) int64 CPU tensor per
     step, with columns (image index, flip, shift y, shift x, cutout y, cutout x).
 
     The stream is back-to-back passes over `train_indices`, each pass in a fresh random order,
     cut into batches regardless of pass boundaries: every batch is full, and the number of steps
-    is exactly `steps` whatever the number of images. Each image gets a random flip in its first
-    pass that alternates in later passes (airbench's alternating flip). Shifts and cutout corners
-    are raw random integers that `augment` scales to its settings, so one seed gives the same
-    order whatever the augmentation. All draws are on the CPU: a seed gives the same stream on
-    every device.
+    is exactly `steps` whatever the number of images. alternate_flip: each image gets a random
+    flip in its first pass that alternates in later passes (airbench's alternating flip); else
+    a fresh random flip at every draw (the usual RandomHorizontalFlip). Flips, shifts and cutout
+    corners are drawn whether or not they are used, and shifts and corners are raw random
+    integers that `augment` scales to its settings, so one seed gives the same order whatever
+    the augmentation. All draws are on the CPU: a seed gives the same stream on every device.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(derived_seed(seed, 'data order'))
     train_indices = torch.as_tensor(train_indices, dtype=torch.int64)
     first_flip = torch.randint(0, 2, (num_images,), generator=gen)
     plans, pending, passes = [], torch.empty(0, 6, dtype=torch.int64), 0
     for _ in range(steps):
         while len(pending) < batch_size:
             order = train_indices[torch.randperm(len(train_indices), generator=gen)]
-            flip = first_flip[order] ^ (passes % 2)
-            draws = torch.randint(0, 2 ** RANDOM_BITS, (len(order), 4), generator=gen)
-            fresh = torch.cat([order[:, None], flip[:, None], draws], dim=1)
+            draws = torch.randint(0, 2 ** RANDOM_BITS, (len(order), 5), generator=gen)
+            flip = first_flip[order] ^ (passes % 2) if alternate_flip else draws[:, 4] & 1
+            fresh = torch.cat([order[:, None], flip[:, None], draws[:, :4]], dim=1)
             pending = torch.cat([pending, fresh])
             passes += 1
         plans.append(pending[:batch_size])
@@ -370,7 +379,8 @@ class Head(nn.Module):
 def airbench94(models=1, widths=(64, 256, 256), bn_momentum=0.4, bn_eps=1e-12):
     """Keller Jordan's airbench94 network, K = `models` copies side by side.
 
-    A 2x2 patch-whitening convolution (24 channels, set by `init_whitening`), three groups of
+    A 2x2 patch-whitening convolution (24 channels, whose weights `train_airbench94` sets from
+    `whitening_weights`; its bias starts at zero), three groups of
     conv-pool-BN-GELU-conv-BN-GELU, a 3x3 max-pool and a linear head scaled by 1/9. BatchNorm
     weights are frozen at 1 (only biases learn); its momentum is PyTorch's (airbench's 0.6).
     """
@@ -385,6 +395,7 @@ def airbench94(models=1, widths=(64, 256, 256), bn_momentum=0.4, bn_eps=1e-12):
                    conv(c_out, c_out, 3, models), batchnorm(c_out), nn.GELU()]
     layers += [nn.MaxPool2d(3), conv(widths[-1], 10, 1, models, padding=0), Head(models, 1 / 9)]
     net = nn.Sequential(*layers)
+    nn.init.zeros_(net[0].bias)
     for layer in net[2:]:
         if isinstance(layer, nn.Conv2d) and layer.kernel_size == (3, 3):
             # Identity init of the first c_in filters of each model: the net starts near a
@@ -513,12 +524,13 @@ def train_airbench94(data, seeds, train_indices, config, device, on_step=None):
 
     # Data-dependent init from images that are in both arms and never among the excluded
     # examples, so that the ablated arm does not see them even through its initialisation.
-    if 'whitening' not in data:
-        data['whitening'] = whitening_weights(
+    key = f"whitening from {config['whiten_images']} images"  # computed once per dataset
+    if key not in data:
+        data[key] = whitening_weights(
             data['train_images'][data['shared_indices'][:config['whiten_images']]])
 
     def prepare(net):
-        net[0].weight.data.copy_(data['whitening'])
+        net[0].weight.data.copy_(data[key])
         net[0].weight.requires_grad_(False)  # the whitening filters stay fixed; the bias trains
 
     make = lambda models: airbench94(models, config['widths'], config['bn_momentum'])
@@ -567,7 +579,8 @@ def run_training(net, optimizer, data, seeds, train_indices, config, device, *, 
     steps = total_steps(config['epochs'], data['full_size'], config['batch_size'])
     # The whole training's plan goes to the device in one copy: (steps, batch, 6) per model.
     plans = [torch.stack(batch_plans(idx, seed, config['batch_size'], steps,
-                                     len(data['train_images']))).to(device)
+                                     len(data['train_images']),
+                                     config['alternate_flip'])).to(device)
              for seed, idx in zip(seeds, train_indices)]
     aug = dict(flip=config['flip'], translate=config['translate'], cutout=config['cutout'],
                pad_mode=pad_mode)
@@ -601,6 +614,10 @@ def run_training(net, optimizer, data, seeds, train_indices, config, device, *, 
 def predict(net, images_u8, models, device, tta_level=0, batch_size=1000, forward=None):
     """Logits (K, n, 10) float32 of a K-wide net on un-augmented images, in eval mode.
 
+    Without autocast, on every device: bfloat16 keeps 8 significant bits, which would round
+    logits of 10-20 to steps of 0.06-0.125, far coarser than the float16 they are stored in.
+    (CUDA convolutions then run in TF32 by PyTorch's default, with float16's 11 significant
+    bits.) Inference is a small share of a training, so the precision costs little.
     tta_level 0: the images as they are. 1: averaged with their mirror images. 2: also with
     1-pixel translations up-left and down-right (airbench's test-time augmentation).
     Batches are padded to a fixed size so that a compiled `forward` sees one shape.
@@ -609,9 +626,7 @@ def predict(net, images_u8, models, device, tta_level=0, batch_size=1000, forwar
     forward = forward or net
 
     def run(x):
-        with autocast(device):
-            out = forward(x.repeat(1, models, 1, 1).contiguous(memory_format=torch.channels_last))
-        return out.float()
+        return forward(x.repeat(1, models, 1, 1).contiguous(memory_format=torch.channels_last))
 
     def mirror(x):
         return run(x) if tta_level == 0 else 0.5 * (run(x) + run(x.flip(3)))
@@ -658,8 +673,7 @@ def experiment_indices(config, num_train):
         raise SystemExit('error: train_subset must be 0 (all images) or a positive count')
     full = sorted(set(range(min(subset, num_train)) if subset else range(num_train)) | set(excluded))
     excluded_set = set(excluded)
-    shared = [i for i in full if i not in excluded_set]
-    return excluded, dict(full=full, ablated=shared), shared
+    return excluded, dict(full=full, ablated=[i for i in full if i not in excluded_set])
 
 
 def prepare_data(config, device):
@@ -668,13 +682,13 @@ def prepare_data(config, device):
         data = load_cifar10(config['data_dir'])
     except DataError as e:
         raise SystemExit(f'error: {e}')
-    excluded, arm_indices, shared = experiment_indices(config, len(data['train_labels']))
+    excluded, arm_indices = experiment_indices(config, len(data['train_labels']))
     if config['batch_size'] > len(arm_indices['full']):
         raise SystemExit(f'error: batch_size {config["batch_size"]} is larger than the training '
                          f'set ({len(arm_indices["full"])} images)')
     data = {k: v.to(device) for k, v in data.items()}
     data.update(full_size=len(arm_indices['full']), arm_indices=arm_indices,
-                shared_indices=torch.tensor(shared), excluded=excluded)
+                shared_indices=torch.tensor(arm_indices['ablated']), excluded=excluded)
     return data
 
 
@@ -745,7 +759,8 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
         source = store.save_sources(config['out'], source_files)
         part, todo = store.open_for_writing(
             config['out'], config, len(data['train_labels']), config['runs'], shard, num_shards,
-            ignore_keys=('runs', 'out', 'data_dir', 'device', 'models_per_device'),
+            # Settings that change where or how fast, not what, is computed:
+            ignore_keys=('runs', 'out', 'data_dir', 'device', 'models_per_device', 'compile'),
             session=provenance(device, source),
             labels={i: int(data['train_labels'][i]) for i in data['excluded']})
     except (store.StoreError, OSError) as e:

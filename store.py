@@ -37,11 +37,17 @@ class StoreError(Exception):
 # -----------------------------------------------------------------------------
 #                                 Small file helpers
 
+def _unique(path):
+    """A temporary name next to `path` that no other process uses: tasks on different nodes of a
+    cluster write into one shared folder and may have the same process id."""
+    return f'{path}.tmp-{socket.gethostname()}-{os.getpid()}'
+
+
 @contextlib.contextmanager
 def _replacing(path, mode):
     """Open a temporary file to be written; on success it is fsync'd and replaces `path`
     (so `path` holds either the old or the new contents, never a mix); on failure it is removed."""
-    tmp = f'{path}.tmp{os.getpid()}'
+    tmp = _unique(path)
     try:
         with open(tmp, mode) as f:
             yield f
@@ -81,7 +87,7 @@ def save_sources(out, paths):
     for p in paths:
         target = os.path.join(folder, os.path.basename(p))
         if not os.path.exists(target):
-            tmp = f'{target}.tmp{os.getpid()}'
+            tmp = _unique(target)
             shutil.copyfile(p, tmp)
             os.replace(tmp, target)
     return digest
@@ -226,7 +232,7 @@ def config_differences(stored, current, ignore=()):
 
 def ensure_writable(out):
     """Create the output folder and check that files can be written there, or raise."""
-    probe = os.path.join(out, f'.write-test{os.getpid()}')
+    probe = _unique(os.path.join(out, '.write-test'))
     try:
         os.makedirs(out, exist_ok=True)
         with open(probe, 'w') as f:
@@ -324,11 +330,11 @@ def gather_logits(runs, columns):
     """
     columns = np.asarray(columns)
     out = np.empty((len(runs), len(columns), NUM_CLASSES), DTYPE)
-    by_part = {}
+    by_file = {}
     for i, run in enumerate(runs):
-        by_part.setdefault(run['part'].folder, (run['part'], []))[1].append((i, run['row']))
-    for part, pairs in by_part.values():
-        arm = runs[pairs[0][0]]['arm']
+        key = (run['part'].folder, run['arm'])
+        by_file.setdefault(key, (run['part'], run['arm'], []))[2].append((i, run['row']))
+    for part, arm, pairs in by_file.values():
         path = part.array_path(arm)
         arr = open_array(path, len(part.rows(arm)), part.meta['n_train'])  # checks the file
         dest, rows = map(np.array, zip(*pairs))

@@ -52,10 +52,11 @@ def tiny_data(tmp_path):
 
 
 AIRBENCH_TINY = dict(widths='[4,8,8]', whiten_images=100)
-# A small ResNet-9 that learns the tiny data in tiny_args' 2 epochs (12 steps): the lr peaks after
-# half an epoch, and faster BatchNorm statistics settle in those few steps (at PyTorch's 0.1 the
-# running statistics would still be 28% their initial values, and the test accuracy near chance).
-MADRY_TINY = dict(widths='[8,16,16,16]', lr=0.2, lr_peak_epoch=0.5, bn_momentum=0.5)
+# A small ResNet-9 that learns the tiny data in 4 epochs (24 steps; test accuracy 0.67-0.85 over
+# 8 seeds, and as low as 0.15 after 2 epochs): the lr peaks after half an epoch, and faster
+# BatchNorm statistics settle in those few steps (at PyTorch's 0.1 the running statistics would
+# still be far from the data's, and the test accuracy near chance).
+MADRY_TINY = dict(widths='[8,16,16,16]', lr=0.2, lr_peak_epoch=0.5, bn_momentum=0.5, epochs=4.0)
 
 
 def read_meta(folder):

@@ -65,7 +65,8 @@ def test_ablated_arm_never_sees_the_excluded_examples(name, tiny_data):
     changed['train_images'][excluded] = 255 - changed['train_images'][excluded]
     changed['train_labels'][excluded] = (changed['train_labels'][excluded] + 1) % 10
     changed = {**data, **changed}
-    changed.pop('whitening', None)  # recomputed from the changed images, where a recipe has one
+    for key in [k for k in changed if k.startswith('whitening')]:
+        del changed[key]  # recomputed from the changed images, where a recipe has one
     for arm, should_match in (('ablated', True), ('full', False)):
         a = train(dict(data), 11, arm).state_dict()
         b = train(dict(changed), 11, arm).state_dict()

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+import airbench
 import bench
 import store
+import trainer_madry
 import viz
 
 TINY = dict(random_indices=[0, 1], easy_indices=[2, 3], epochs=2.0, batch_size=50, tta_level=0)
@@ -39,7 +41,7 @@ def test_bench_prints_its_table_on_the_cpu(tiny_data, monkeypatch, capsys):
             assert (first == '-') == ('eager' in row)  # compiled paths report their warm-up
         assert rows[0].split()[-3] == '1.00x'  # the reference
         if trainer == 'airbench':
-            assert 'airbench package train94  not run: needs CUDA' in rows[-1]
+            assert rows[-1].split(None, 1)[1].split() == 'PyPI train94 (no infer) not run: needs CUDA'.split()
 
 
 def test_synthetic_arms_are_a_readable_experiment(tmp_path):
@@ -61,3 +63,16 @@ def test_viz_at_full_size(capsys):
     seconds = float(re.search(r'second \(warm cache\) run: ([\d.]+) s', printed)[1])
     peak = float(re.search(r'second \(warm cache\) run: [\d.]+ s, peak memory (\d+) MiB', printed)[1])
     assert seconds <= 3.0 and peak <= 1024
+
+
+def test_cpu_overrides_make_valid_shortened_presets():
+    for name, (module, _) in bench.TRAINERS.items():
+        overrides = bench.CPU_OVERRIDES[name]
+        config = airbench.parse_config(module.CONFIG, module.PRESETS,
+                                       [f'--{k.replace("_", "-")}={v}' for k, v in overrides.items()])
+        preset = airbench.parse_config(module.CONFIG, module.PRESETS, ['--preset', 'cpu'])
+        assert config['preset'] == 'cpu' and config['epochs'] < preset['epochs']
+        if name == 'madry':  # the lr peak moved with the shorter training, at the same share
+            trainer_madry.check_config(config)
+            assert config['lr_peak_epoch'] / config['epochs'] == pytest.approx(
+                preset['lr_peak_epoch'] / preset['epochs'])

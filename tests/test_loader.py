@@ -39,6 +39,18 @@ def test_each_pass_is_a_permutation_and_flips_alternate():
     assert 30 < sum(flip_first.values()) < 70
 
 
+def test_random_flips_are_fresh_at_every_draw_and_leave_the_order_alone():
+    kept = np.arange(300)
+    alternating = torch.cat(airbench.batch_plans(kept, 5, 30, 20, 300))  # 600 draws = 2 passes
+    fresh = torch.cat(airbench.batch_plans(kept, 5, 30, 20, 300, alternate_flip=False))
+    assert torch.equal(alternating[:, [0, 2, 3, 4, 5]], fresh[:, [0, 2, 3, 4, 5]])
+    flips = [dict(zip(fresh[p * 300:(p + 1) * 300, 0].tolist(),
+                      fresh[p * 300:(p + 1) * 300, 1].tolist())) for p in (0, 1)]
+    same = sum(flips[0][i] == flips[1][i] for i in range(300))
+    assert 110 < same < 190  # independent coin flips: about half the images keep their flip
+    assert 110 < sum(flips[0].values()) < 190
+
+
 def test_plans_depend_only_on_the_seed():
     a = airbench.batch_plans(np.arange(100), 7, 32, 10, 100)
     b = airbench.batch_plans(np.arange(100), 7, 32, 10, 100)

@@ -27,3 +27,8 @@ def test_gathered_columns_equal_the_stored_rows(tmp_path):
         rows = [r['row'] for r in complete[arm]]
         on_disk = np.load(part.array_path(arm), mmap_mode='r')[rows][:, columns]
         assert np.array_equal(got, on_disk)
+    # Runs of both arms in one call: each is read from its own arm's file.
+    mixed = complete['ablated'][:1] + complete['full'] + complete['ablated'][1:]
+    got = store.gather_logits(mixed, columns)
+    expected = np.stack([written[r['arm']][r['slot']][columns] for r in mixed])
+    assert np.array_equal(got, expected)

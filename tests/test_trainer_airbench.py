@@ -33,6 +33,10 @@ def test_changed_settings_are_refused(tiny_data, tmp_path):
     trainer_airbench.main(args_for(tiny_data, out, runs=1))
     with pytest.raises(SystemExit, match=r'epochs: stored 2\.0, now 3\.0'):
         trainer_airbench.main(args_for(tiny_data, out, runs=1, epochs=3.0))
+    # Settings that change only where or how fast the runs are computed are not differences.
+    trainer_airbench.main(args_for(tiny_data, out, runs=1, compile='off', models_per_device=2,
+                                   device='cpu'))
+    assert len(read_meta(out)['sessions']) == 2
 
 
 def test_offline_without_data_is_one_clear_error(tmp_path, monkeypatch):

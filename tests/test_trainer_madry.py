@@ -38,10 +38,11 @@ def test_parameter_count_at_full_width():
 
 
 def test_lr_schedule_of_the_full_recipe_at_known_steps():
-    # 50,040 images in the full arm at batch 512: 97 steps per epoch, 24 * 97 steps, peak at 5 * 97.
-    steps = airbench.total_steps(trainer_madry.EPOCHS, 50040, trainer_madry.BATCH_SIZE)
+    # 50,000 images in the full arm (the 40 are among them) at batch 512: 97 steps per epoch,
+    # 24 * 97 steps, peak at 5 * 97.
+    steps = airbench.total_steps(trainer_madry.EPOCHS, 50000, trainer_madry.BATCH_SIZE)
     assert steps == 2328
-    peak = trainer_madry.LR_PEAK_EPOCH * (50040 // trainer_madry.BATCH_SIZE)
+    peak = trainer_madry.LR_PEAK_EPOCH * (50000 // trainer_madry.BATCH_SIZE)
     lr = lambda step: trainer_madry.LR * trainer_madry.lr_multiplier(step, steps, peak)
     assert lr(0) == 0.0
     assert lr(97) == pytest.approx(0.1)                  # epoch 1 of the 5-epoch warm-up
@@ -99,7 +100,8 @@ def test_augmentation_follows_the_cutout_switch(tiny_data, monkeypatch):
     original = airbench.augment
     monkeypatch.setattr(airbench, 'augment', lambda *a, **kw: calls.append(kw) or original(*a, **kw))
     for cutout, size in ((True, 4), (False, 0)):
-        config, data = tiny_setup(tiny_data, cutout=cutout, epochs=0.2, widths=NARROW)
+        config, data = tiny_setup(tiny_data, cutout=cutout, epochs=0.2, lr_peak_epoch=0.1,
+                                  widths=NARROW)
         calls.clear()
         train(data, config, 0, 'full')
         assert calls and all(kw == dict(flip=True, translate=2, cutout=size, pad_mode='constant')
