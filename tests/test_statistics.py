@@ -21,10 +21,11 @@ def test_margin_matches_definition():
 
 
 def test_margin_is_stable_for_large_logits():
-    logits = np.zeros((1, 1, 10), np.float32)
-    logits[0, 0, 3] = 60000.0  # near float16's limit; a naive exp would overflow
-    logits[0, 0, 4] = 59990.0
-    assert viz.margins(logits, [3])[0, 0] == np.float32(10.0) - np.log1p(8 * np.exp(-59990.0))
+    logits = np.zeros((1, 1, 10), np.float16)  # as stored
+    logits[0, 0, 3] = 60000.0  # near float16's limit (65504); a naive exp would overflow
+    logits[0, 0, 4] = 59968.0  # float16's spacing here is 32: the next value below 60000
+    assert logits[0, 0, 4] == 59968.0
+    assert viz.margins(logits, [3])[0, 0] == np.float32(32.0) - np.log1p(8 * np.exp(-59968.0))
 
 
 def test_welch_matches_scipy():
