@@ -53,6 +53,8 @@ def pick_device(name=''):
         device = torch.device(name)
     except RuntimeError:
         raise SystemExit(f'error: --device {name!r} is not a device name (try cpu or cuda:0)')
+    if device.type not in ('cpu', 'cuda'):
+        raise SystemExit(f'error: --device {name}: only cpu and cuda are supported')
     if device.type == 'cuda':
         if not torch.cuda.is_available():
             raise SystemExit(f'error: --device {name} was requested but CUDA is not available '
@@ -93,7 +95,8 @@ def parse_config(defaults, presets, argv=None, description=None):
         assert not unknown, f'preset {name!r} sets unknown keys {sorted(unknown)}'
     # No abbreviations: --epoch must not quietly mean --epochs, nor stop working when a
     # constant --epoch... is added later.
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for key, default in defaults.items():
         choices = ['default', *presets] if key == 'preset' else None
         parser.add_argument('--' + key.replace('_', '-'), type=_parser_for(default), default=None,
@@ -112,16 +115,23 @@ def shard_from_env():
     Returns (shard, num_shards, local_rank). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a SLURM
     array sets SLURM_ARRAY_TASK_ID/_COUNT/_MIN. Both together give count * world shards.
     """
-    env = os.environ
-    rank, world = int(env.get('RANK', 0)), int(env.get('WORLD_SIZE', 1))
-    local_rank = int(env.get('LOCAL_RANK', 0))
+    names = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_ARRAY_TASK_ID', 'SLURM_ARRAY_TASK_COUNT',
+             'SLURM_ARRAY_TASK_MIN')
+    seen = ', '.join(f'{k}={os.environ[k]}' for k in names if k in os.environ)
+    try:
+        env = {k: int(os.environ[k]) for k in names if k in os.environ}
+    except ValueError:
+        raise SystemExit(f'error: a sharding variable is not a whole number ({seen})') from None
+    rank, world, local_rank = env.get('RANK', 0), env.get('WORLD_SIZE', 1), env.get('LOCAL_RANK', 0)
     task, tasks = 0, 1
     if 'SLURM_ARRAY_TASK_ID' in env:
-        task = int(env['SLURM_ARRAY_TASK_ID']) - int(env.get('SLURM_ARRAY_TASK_MIN', 0))
-        tasks = int(env.get('SLURM_ARRAY_TASK_COUNT', 1))
+        task = env['SLURM_ARRAY_TASK_ID'] - env.get('SLURM_ARRAY_TASK_MIN', 0)
+        tasks = env.get('SLURM_ARRAY_TASK_COUNT', 1)
     shard, num_shards = task * world + rank, tasks * world
     if not 0 <= shard < num_shards:
-        raise SystemExit(f'error: shard {shard} of {num_shards} from the environment is invalid')
+        raise SystemExit(f'error: the environment ({seen}) gives shard {shard} of {num_shards}: '
+                         f'RANK must lie in [0, WORLD_SIZE) and SLURM_ARRAY_TASK_ID - '
+                         f'SLURM_ARRAY_TASK_MIN in [0, SLURM_ARRAY_TASK_COUNT)')
     return shard, num_shards, local_rank
 
 
@@ -510,17 +520,26 @@ class Lookahead:
         torch._foreach_copy_(self.live, self.slow)
 
 
+def check_airbench94(config, data):
+    """Settings the airbench94 recipe cannot train with (run_experiment checks them before it
+    writes anything)."""
+    if total_steps(config['epochs'], data['full_size'], config['batch_size']) < config['ema_every']:
+        raise SystemExit(f'error: fewer training steps than ema_every ({config["ema_every"]}): '
+                         f'the lookahead average would never take a step; train longer')
+    if not 1 <= config['whiten_images'] <= len(data['shared_indices']):
+        raise SystemExit(f'error: whiten_images must lie in [1, {len(data["shared_indices"])}], '
+                         f'got {config["whiten_images"]}')
+
+
 def train_airbench94(data, seeds, train_indices, config, device, on_step=None):
     """Train len(seeds) airbench94 models at once; model k uses seeds[k] and train_indices[k].
 
     data: dict from `prepare_data` (dataset on the device, plus 'full_size' and
     'shared_indices'). Returns the K-wide network with its final (lookahead-averaged) weights.
     """
+    check_airbench94(config, data)
     batch_size = config['batch_size']
     whiten_bias_steps = math.ceil(config['whiten_bias_epochs'] * (data['full_size'] // batch_size))
-    if total_steps(config['epochs'], data['full_size'], batch_size) < config['ema_every']:
-        raise SystemExit(f'error: fewer training steps than ema_every ({config["ema_every"]}): '
-                         f'the lookahead average would never take a step; train longer')
 
     # Data-dependent init from images that are in both arms and never among the excluded
     # examples, so that the ablated arm does not see them even through its initialisation.
@@ -724,21 +743,26 @@ class Stop(Exception):
     """Raised between training steps after SIGTERM: the run in flight is abandoned."""
 
 
-def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, doc=None):
+def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, doc=None,
+                   check=None):
     """Train config['runs'] models in each arm and store their logits; resumable.
 
     name: the experiment's folder under logits/ for the default preset (the preset is appended
     otherwise); a function of the config, or a string.
     train_fn(data, seeds, train_indices, config, device, on_step) -> K-wide net.
     source_files: the code that defines the experiment, saved with the results.
+    check(config, data): the recipe's own checks of its settings. Every check runs before
+    anything is written, so a refused setting leaves no folder behind and locks nothing.
     """
     config = parse_config(defaults, presets, argv, doc)
-    if config['runs'] <= 0:
-        raise SystemExit(f'error: --runs must be positive, got {config["runs"]}')
+    for key, low in (('runs', 1), ('models_per_device', 1), ('batch_size', 1)):
+        if config[key] < low:
+            raise SystemExit(f'error: --{key.replace("_", "-")} must be at least {low}, '
+                             f'got {config[key]}')
+    if not config['epochs'] > 0:
+        raise SystemExit(f'error: --epochs must be positive, got {config["epochs"]}')
     if config['compile'] not in ('auto', 'on', 'off'):
         raise SystemExit(f'error: --compile must be auto, on or off, got {config["compile"]!r}')
-    if config['models_per_device'] < 1:
-        raise SystemExit('error: --models-per-device must be at least 1')
     if not config['out']:
         suffix = '' if config['preset'] == 'default' else '_' + config['preset']
         config['out'] = os.path.join('logits', (name(config) if callable(name) else name) + suffix)
@@ -749,20 +773,19 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
 
-    try:
-        store.ensure_writable(config['out'])
-    except store.StoreError as e:
-        raise SystemExit(f'error: {e}')
     data = prepare_data(config, device)
+    if check is not None:
+        check(config, data)
     K = config['models_per_device']
     try:
-        source = store.save_sources(config['out'], source_files)
+        source = store.sources_digest(source_files)
         part, todo = store.open_for_writing(
             config['out'], config, len(data['train_labels']), config['runs'], shard, num_shards,
             # Settings that change where or how fast, not what, is computed:
             ignore_keys=('runs', 'out', 'data_dir', 'device', 'models_per_device', 'compile'),
             session=provenance(device, source),
             labels={i: int(data['train_labels'][i]) for i in data['excluded']})
+        store.save_sources(config['out'], source_files)
     except (store.StoreError, OSError) as e:
         raise SystemExit(f'error: {e}')
     log(f'{config["out"]}: preset {config["preset"]}, {len(todo)} runs to train on {device}'
@@ -814,7 +837,12 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
                          f'are kept; free space and rerun the same command to resume.')
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        part.close()
     steps_bar.close()
     bar.close()
+    diverged = sum(row.get('status') == 'diverged' for arm in store.ARMS for row in part.rows(arm))
+    if diverged:
+        log(f'warning: {diverged} of the runs in {part.folder} diverged (non-finite logits or '
+            f'test accuracy below min_test_acc {config["min_test_acc"]}); viz.py skips them')
     log(f'done: {config["out"]} (python viz.py {config["out"]})')
     return config

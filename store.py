@@ -20,9 +20,15 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 
 import numpy as np
+
+try:
+    import fcntl  # POSIX: a lock per part, so that two processes never write the same one
+except ImportError:  # Windows: no lock (one process per output folder is then up to the user)
+    fcntl = None
 
 ARMS = ('full', 'ablated')
 NUM_CLASSES = 10
@@ -79,9 +85,14 @@ def sha256_file(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def sources_digest(paths):
+    """A short hash of the code that makes the results (the files' contents, in path order)."""
+    return hashlib.sha256(b''.join(open(p, 'rb').read() for p in sorted(paths))).hexdigest()[:12]
+
+
 def save_sources(out, paths):
     """Copy the code that made these results into OUT/source/<hash>/; returns the hash."""
-    digest = hashlib.sha256(b''.join(open(p, 'rb').read() for p in sorted(paths))).hexdigest()[:12]
+    digest = sources_digest(paths)
     folder = os.path.join(out, 'source', digest)
     os.makedirs(folder, exist_ok=True)
     for p in paths:
@@ -138,7 +149,8 @@ def open_array(path, expect_rows=None, expect_n_train=None):
     except FileNotFoundError:
         raise StoreError(f'{path} is missing') from None
     except (ValueError, OSError, EOFError) as e:
-        raise StoreError(f'{path} is truncated or corrupt ({e})') from None
+        why = 'not a .npy array' if 'allow_pickle' in str(e) else str(e)  # numpy's hint misleads
+        raise StoreError(f'{path} is truncated or corrupt ({why})') from None
     ok = arr.dtype == DTYPE and arr.ndim == 3 and arr.shape[2] == NUM_CLASSES
     ok = ok and (expect_rows is None or arr.shape[0] >= expect_rows)
     ok = ok and (expect_n_train is None or arr.shape[1] == expect_n_train)
@@ -151,9 +163,16 @@ def open_array(path, expect_rows=None, expect_n_train=None):
 class Part:
     """The part of an experiment that one process writes: two arrays and a meta.json."""
 
-    def __init__(self, folder, meta):
+    def __init__(self, folder, meta, lock=None):
         self.folder = folder
         self.meta = meta
+        self._lock = lock  # the open lock file while this process writes the part
+
+    def close(self):
+        """Release the part's lock (also released by the OS when the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     @property
     def meta_path(self):
@@ -230,6 +249,43 @@ def config_differences(stored, current, ignore=()):
 # -----------------------------------------------------------------------------
 #                                 Opening an experiment for writing
 
+def human_bytes(n):
+    return f'{n / 1e9:.2f} GB' if n >= 1e9 else f'{n / 1e6:.1f} MB'
+
+
+_NO_LOCKS = []  # set once the filesystem has refused a lock: said once, then parts go unlocked
+
+
+def _lock_part(folder):
+    """An exclusive lock on folder/.lock, held while this process writes the part, so that a
+    second process (a duplicate launch, a requeued task whose first run is still alive) is
+    refused instead of training the same slots and overwriting rows. Released when the file is
+    closed or the process dies, kill -9 included. Returns the open file, or None without locks."""
+    if fcntl is None or _NO_LOCKS:
+        return None
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, '.lock'), 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise StoreError(f'{folder} is being written by {holder}: wait for it to finish, or use '
+                         f'another --out') from None
+    except OSError as e:  # a filesystem without locks (some network filesystems)
+        f.close()
+        _NO_LOCKS.append(e)
+        print(f'note: {folder} cannot be locked ({e.strerror or e}); make sure that only one '
+              f'process writes each part', file=sys.stderr, flush=True)
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}')
+    f.flush()
+    return f
+
+
 def ensure_writable(out):
     """Create the output folder and check that files can be written there, or raise."""
     probe = _unique(os.path.join(out, '.write-test'))
@@ -251,9 +307,31 @@ def open_for_writing(out, config, n_train, runs, shard=0, num_shards=1, ignore_k
     Run slots 0..runs-1 exist in each arm; this process takes the slots s with
     s % num_shards == shard that no other part has completed. Runs are alternated between arms
     (full 0, ablated 0, full 1, ...) so that a partial experiment stays balanced.
+
+    The part is locked for this process (Part.close() releases it). Its own earlier part is
+    replaced when it holds no complete row (a launch that failed before its first run must not
+    lock the folder to its settings); any part with results must have the same settings, and
+    a refusal leaves the stored results as they were.
     """
     ensure_writable(out)
+    folder = _part_folder(out, shard, num_shards)
+    lock = _lock_part(folder)
+    try:
+        return _open_locked(out, folder, lock, config, n_train, runs, shard, num_shards,
+                            ignore_keys, session, labels)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def _open_locked(out, folder, lock, config, n_train, runs, shard, num_shards, ignore_keys,
+                 session, labels):
     parts = find_parts(out)
+    mine = next((p for p in parts if os.path.abspath(p.folder) == os.path.abspath(folder)), None)
+    if mine is not None and not any(mine.complete_rows(arm) for arm in ARMS):
+        parts.remove(mine)  # no results: start this part afresh, with the current settings
+        mine = None
     for part in parts:
         diff = config_differences(part.meta['config'], config, ignore_keys)
         if diff:
@@ -262,18 +340,28 @@ def open_for_writing(out, config, n_train, runs, shard=0, num_shards=1, ignore_k
         if part.meta['n_train'] != n_train:
             raise StoreError(f'{part.meta_path} stores {part.meta["n_train"]} training images, '
                              f'the data now has {n_train}')
-    folder = _part_folder(out, shard, num_shards)
-    mine = next((p for p in parts if os.path.abspath(p.folder) == os.path.abspath(folder)), None)
     done_elsewhere = {arm: set().union(*(p.slots_done(arm) for p in parts if p is not mine))
                       for arm in ARMS}
     wanted = {arm: [s for s in range(runs) if s % num_shards == shard
                     and s not in done_elsewhere[arm]] for arm in ARMS}
+    done_here = {arm: mine.slots_done(arm) if mine else set() for arm in ARMS}
+    todo = [(arm, s) for s in range(runs) for arm in ARMS
+            if s in wanted[arm] and s not in done_here[arm]]
+    need = len(todo) * n_train * NUM_CLASSES * DTYPE.itemsize
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise StoreError(f'{folder} needs {human_bytes(need)} for {len(todo)} rows but the disk '
+                         f'has {human_bytes(free)} free')
 
     if mine is None:
         os.makedirs(folder, exist_ok=True)
         mine = Part(folder, dict(format=FORMAT_VERSION, config=config, n_train=n_train,
                                  labels={str(i): int(y) for i, y in (labels or {}).items()},
                                  sessions=[], rows={arm: [] for arm in ARMS}))
+    # The latest settings: they differ from the stored ones in ignore_keys only (a raised
+    # --runs, another --device, ...); each session's own command stays in 'sessions'.
+    mine.meta['config'] = config
+    mine._lock = lock
     if session is not None:
         mine.meta['sessions'].append(dict(session, started=time.strftime('%Y-%m-%dT%H:%M:%S'),
                                           host=socket.gethostname(), pid=os.getpid()))
@@ -281,15 +369,6 @@ def open_for_writing(out, config, n_train, runs, shard=0, num_shards=1, ignore_k
     for arm in ARMS:
         mine.add_slots(arm, wanted[arm])
         open_array(mine.array_path(arm), len(mine.rows(arm)), n_train)  # fail early if damaged
-
-    row_bytes = n_train * NUM_CLASSES * DTYPE.itemsize
-    todo = [(arm, s) for s in range(runs) for arm in ARMS
-            if s in wanted[arm] and s not in mine.slots_done(arm)]
-    need = len(todo) * row_bytes
-    free = shutil.disk_usage(folder).free
-    if need > free:
-        raise StoreError(f'{folder} needs {need / 1e9:.2f} GB for {len(todo)} rows but the disk '
-                         f'has {free / 1e9:.2f} GB free')
     return mine, todo
 
 

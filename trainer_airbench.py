@@ -63,7 +63,7 @@ PRESETS = {
 def main(argv=None):
     return airbench.run_experiment('airbench', CONFIG, PRESETS, airbench.train_airbench94,
                                    [__file__, airbench.__file__, airbench.store.__file__],
-                                   argv, __doc__)
+                                   argv, __doc__, check=airbench.check_airbench94)
 
 
 if __name__ == '__main__':

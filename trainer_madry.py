@@ -120,8 +120,12 @@ def cutout_size(config):
     return config['cutout_size'] if config['cutout'] else 0
 
 
-def check_config(config):
-    """Refuse a learning-rate peak outside the training: the triangle would be malformed."""
+def check_config(config, data=None):
+    """Settings this recipe cannot train with: a learning-rate peak outside the training (the
+    triangle would be malformed), or not four widths."""
+    if len(config['widths']) != 4:
+        raise SystemExit(f'error: widths must be four channel counts (stem, stage 1, stage 2, '
+                         f'last conv), got {config["widths"]}')
     if not 0 < config['lr_peak_epoch'] < config['epochs']:
         raise SystemExit(f'error: lr_peak_epoch must lie strictly between 0 and epochs '
                          f'({config["epochs"]}), got {config["lr_peak_epoch"]}')
@@ -148,12 +152,10 @@ def train_madry(data, seeds, train_indices, config, device, on_step=None):
 
 
 def main(argv=None):
-    # Checked before run_experiment creates the output folder, so a bad value leaves nothing.
-    check_config(airbench.parse_config(CONFIG, PRESETS, argv, __doc__))
     name = lambda config: 'madry' if config['cutout'] else 'madry_nocutout'
     return airbench.run_experiment(name, CONFIG, PRESETS, train_madry,
                                    [__file__, airbench.__file__, airbench.store.__file__],
-                                   argv, __doc__)
+                                   argv, __doc__, check=check_config)
 
 
 if __name__ == '__main__':

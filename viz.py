@@ -278,14 +278,15 @@ def group_summaries(exp, stats):
 
 
 def accuracy_summary(exp):
-    """Mean and standard deviation of test accuracy per arm, and Welch's test of full - ablated."""
+    """Mean and standard deviation of test accuracy per arm, and Welch's test of the change that
+    removing the 40 brings: 'removal_change' = mean(ablated) - mean(full), with its CI."""
     out = {}
     for arm in store.ARMS:
         acc = exp['test_acc'][arm].astype(np.float64)
         out[arm] = dict(n=len(acc), mean=float(acc.mean()) if len(acc) else math.nan,
                         std=float(acc.std(ddof=1)) if len(acc) > 1 else math.nan)
-    w = welch(exp['test_acc']['full'][:, None], exp['test_acc']['ablated'][:, None])
-    out.update(difference=float(w['diff'][0]), ci_low=float(w['ci_low'][0]),
+    w = welch(exp['test_acc']['ablated'][:, None], exp['test_acc']['full'][:, None])
+    out.update(removal_change=float(w['diff'][0]), ci_low=float(w['ci_low'][0]),
                ci_high=float(w['ci_high'][0]), p=float(w['p'][0]))
     return out
 
@@ -338,7 +339,8 @@ def header(exp):
         lines.append(f"skipped {skipped} diverged runs ({exp['diverged']['full']} full, "
                      f"{exp['diverged']['ablated']} ablated)")
     if min(n.values()) < 2:
-        lines.append('note: an arm has fewer than 2 complete runs, so there are no p-values yet')
+        lines.append('note: an arm has fewer than 2 usable runs (complete, not diverged), so '
+                     'there are no p-values yet')
     elif n['full'] != n['ablated']:
         lines.append(f"note: the arms are unequal ({n['full']} vs {n['ablated']} runs); Welch's "
                      f"test allows that, but a finished experiment has equal arms")
@@ -349,8 +351,8 @@ def accuracy_line(acc):
     arms = ', '.join(f"{arm} {fmt(acc[arm]['mean'], '.4f')} +- {fmt(acc[arm]['std'], '.4f')}"
                      for arm in store.ARMS)
     return (f"test accuracy (mean +- std): {arms}; removing the 40 changes it by "
-            f"{fmt(-acc['difference'], '+.4f')} [{LEVEL:.0%} CI {fmt(-acc['ci_high'], '+.4f')}, "
-            f"{fmt(-acc['ci_low'], '+.4f')}], Welch p = {fmt(acc['p'], '.4f')}")
+            f"{fmt(acc['removal_change'], '+.4f')} [{LEVEL:.0%} CI {fmt(acc['ci_low'], '+.4f')}, "
+            f"{fmt(acc['ci_high'], '+.4f')}], Welch p = {fmt(acc['p'], '.4f')}")
 
 
 RULE_NAMES = {'p': 'p', 'q': 'q (BH)', 'holm': 'Holm-adjusted p'}
@@ -434,6 +436,19 @@ def extra_columns(exp, stats, args):
                 else f'{n:.0f}'
         cols.append(('runs/arm', 10, [needed(i) for i in range(m)]))
     return cols
+
+
+def labelings_note(exp, shuffles):
+    """Where the runs allow fewer distinct labellings than shuffles, the p-value's real floor."""
+    n_full, n_ablated = (len(exp['runs'][arm]) for arm in store.ARMS)
+    distinct = math.comb(n_full + n_ablated, n_full)
+    if distinct >= shuffles or min(n_full, n_ablated) < 2:
+        return ''
+    # Two-sided: a labelling and its mirror image (arms swapped) give the same |t| when the arms
+    # are equal in size, so the observed one is matched by at least itself and its mirror.
+    floor = (2 if n_full == n_ablated else 1) / distinct
+    return (f'; with {n_full} + {n_ablated} runs there are only {distinct} distinct labellings, '
+            f'so p cannot fall much below {floor:.2g}')
 
 
 def power_alpha(rule, alpha, m):
@@ -605,7 +620,10 @@ def side_by_side(experiments, rule, alpha):
 #                                 Main
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(description='\n\n'.join(__doc__.split('\n\n')[:2]),
+                                     allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    percent = lambda x: f'{x:.0%}'.replace('%', '%%')  # argparse help is a %-format string
     parser.add_argument('experiment', nargs='*', default=['logits/airbench'],
                         help='experiment folder (default logits/airbench); several print side by '
                              'side')
@@ -616,13 +634,13 @@ def main(argv=None):
                         help='which value must be below alpha: Welch p uncorrected (default), '
                              'Benjamini-Hochberg q, or Holm-adjusted p')
     parser.add_argument('--stats', action='store_true',
-                        help=f'add columns: {LEVEL:.0%} CI, n per arm, q (BH), Holm p')
+                        help=f'add columns: {percent(LEVEL)} CI, n per arm, q (BH), Holm p')
     parser.add_argument('--permutation', type=int, default=0, metavar='K',
                         help='add a column: permutation p-value from K label shuffles')
     parser.add_argument('--seed', type=int, default=0, help='seed of the shuffles (default 0)')
     parser.add_argument('--power', action='store_true',
-                        help=f'add a column: runs per arm for {POWER:.0%} power, for rows not '
-                             f'selected')
+                        help=f'add a column: runs per arm for {percent(POWER)} power, for the '
+                             f'rows not selected (implies --all)')
     parser.add_argument('--csv', metavar='FILE', help='write all rows and statistics as CSV')
     parser.add_argument('--json', metavar='FILE', help='write all rows, statistics and config '
                                                        'as JSON')
@@ -630,6 +648,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.permutation < 0:
         parser.error('--permutation needs K >= 0 shuffles')
+    if not 0 < args.alpha < 1:
+        parser.error(f'--alpha must lie strictly between 0 and 1, got {args.alpha}')
     try:
         exps = [load(path) for path in args.experiment]
     except store.StoreError as e:
@@ -658,6 +678,7 @@ def main(argv=None):
     accuracy = accuracy_summary(exp)
     groups = group_summaries(exp, stats)
 
+    args.all = args.all or args.power  # the power column is about the rows not selected
     show = np.ones(m, bool) if args.all else stats['selected']
     lines = header(exp)
     lines.append(selection_line(args.select, args.alpha, stats))
@@ -665,7 +686,7 @@ def main(argv=None):
     if args.permutation:
         lines.append(f'perm p: {args.permutation} shuffles of the arm labels (seed {args.seed}), '
                      f"Welch's t as statistic, p = (b + 1) / (K + 1) >= "
-                     f'{1 / (args.permutation + 1):.2g}')
+                     f'{1 / (args.permutation + 1):.2g}' + labelings_note(exp, args.permutation))
     if args.power:
         lines.append(f'runs/arm: runs per arm for {POWER:.0%} power of one two-sided Welch test '
                      f'at level {level:.3g} against the observed effect and variances')
@@ -675,14 +696,19 @@ def main(argv=None):
                           args.select, args.alpha)
     print('\n'.join(lines))
 
-    if args.csv or args.json:
-        summary, rows = export_summary(exp, stats, args, accuracy, groups), export_rows(exp, stats)
-        if args.csv:
-            write_csv(args.csv, summary, rows)
-        if args.json:
-            write_json(args.json, summary, rows)
-    if args.plot:
-        plot(args.plot, exp, stats)
+    try:
+        if args.csv or args.json:
+            summary = export_summary(exp, stats, args, accuracy, groups)
+            rows = export_rows(exp, stats)
+            if args.csv:
+                write_csv(args.csv, summary, rows)
+            if args.json:
+                write_json(args.json, summary, rows)
+        if args.plot:
+            plot(args.plot, exp, stats)
+    except OSError as e:
+        raise SystemExit(f'error: cannot write {e.filename or "the output"}: '
+                         f'{e.strerror or e}') from None
 
 
 if __name__ == '__main__':

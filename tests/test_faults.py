@@ -2,6 +2,7 @@
 files and bad settings. Nothing finished may be lost, and each error is one clear line."""
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import airbench
 import store
 import trainer_airbench
+import trainer_madry
 import viz
 from conftest import AIRBENCH_TINY, REPO, read_meta, tiny_args
 
@@ -103,6 +105,7 @@ def test_raising_runs_extends_the_experiment(tiny_data, tmp_path):
     assert grown[0].tobytes() == first.tobytes()
     assert [r['slot'] for r in read_meta(out)['rows']['ablated']] == [0, 1, 2]
     assert all(r['complete'] for r in read_meta(out)['rows']['ablated'])
+    assert read_meta(out)['config']['runs'] == 3  # the stored settings say so too
 
 
 def test_full_disk_while_writing_a_row_keeps_the_store_usable(tiny_data, tmp_path, monkeypatch):
@@ -172,7 +175,7 @@ def test_viz_reports_what_it_can_with_one_run_or_unequal_arms(tiny_data, tmp_pat
     capsys.readouterr()
     viz.main([out, '--all'])
     printed = capsys.readouterr().out
-    assert 'fewer than 2 complete runs' in printed and 'Average:' in printed
+    assert 'fewer than 2 usable runs' in printed and 'Average:' in printed
     trainer_airbench.main(args_for(tiny_data, out, runs=3))
     meta = read_meta(out)
     meta['rows']['ablated'][2]['complete'] = False  # as if the last run was killed
@@ -183,14 +186,73 @@ def test_viz_reports_what_it_can_with_one_run_or_unequal_arms(tiny_data, tmp_pat
 
 
 @pytest.mark.parametrize('flags,message', [
-    (dict(runs=0), '--runs must be positive'),
+    (dict(runs=0), '--runs must be at least 1'),
+    (dict(batch_size=0), '--batch-size must be at least 1'),
+    (dict(epochs=0.0), '--epochs must be positive'),
+    (dict(device='mps'), 'only cpu and cuda are supported'),
     (dict(random_indices='[0,0]'), 'duplicated'),
     (dict(easy_indices='[2,300]'), 'out of range'),
     (dict(random_indices='[]', easy_indices='[]'), 'no excluded examples'),
+    (dict(epochs=0.1), 'fewer training steps than ema_every'),  # airbench's own check
 ])
-def test_bad_settings_are_refused_in_one_line(tiny_data, tmp_path, flags, message):
+def test_bad_settings_are_refused_in_one_line_and_leave_nothing(tiny_data, tmp_path, flags,
+                                                                 message):
     with pytest.raises(SystemExit, match=message):
         trainer_airbench.main(args_for(tiny_data, str(tmp_path / 'exp'), **flags))
+    assert not os.path.exists(tmp_path / 'exp')
+
+
+def test_madry_checks_its_widths_before_writing(tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match='widths must be four channel counts'):
+        trainer_madry.main(tiny_args(tiny_data, str(tmp_path / 'exp'), widths='[16,32,64]'))
+    assert not os.path.exists(tmp_path / 'exp')
+
+
+def test_a_launch_that_failed_before_its_first_run_does_not_lock_the_settings(tiny_data, tmp_path,
+                                                                              monkeypatch):
+    out = str(tmp_path / 'exp')
+    failing = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError('out of memory'))
+    monkeypatch.setattr(airbench, 'train_and_evaluate', failing)
+    with pytest.raises(RuntimeError):
+        trainer_airbench.main(args_for(tiny_data, out, runs=1, batch_size=50))
+    assert read_meta(out)['config']['batch_size'] == 50 and not read_meta(out)['rows']['full'][0]['complete']
+    monkeypatch.undo()
+    trainer_airbench.main(args_for(tiny_data, out, runs=1, batch_size=30))  # fixed, accepted
+    meta = read_meta(out)
+    assert meta['config']['batch_size'] == 30 and meta['rows']['full'][0]['complete']
+    # Once a part holds results, its settings hold.
+    with pytest.raises(SystemExit, match='batch_size: stored 30, now 50'):
+        trainer_airbench.main(args_for(tiny_data, out, runs=1, batch_size=50))
+
+
+def test_a_second_writer_of_the_same_part_is_refused(tmp_path):
+    out = str(tmp_path / 'exp')
+    config = dict(runs=1, random_indices=[0], easy_indices=[1])
+    first, _ = store.open_for_writing(out, config, 10, 1)
+    script = ('import sys, store; '
+              'store.open_for_writing(sys.argv[1], dict(runs=1, random_indices=[0], '
+              'easy_indices=[1]), 10, 1)')
+    other = subprocess.run([sys.executable, '-c', script, out], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+    assert other.returncode == 1 and f'is being written by pid {os.getpid()}' in other.stderr
+    first.close()  # released: the next process may write it
+    again = subprocess.run([sys.executable, '-c', script, out], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize('env,message', [
+    (dict(WORLD_SIZE='abc'), 'not a whole number (WORLD_SIZE=abc)'),
+    (dict(RANK='2', WORLD_SIZE='2'), 'gives shard 2 of 2: RANK must lie in'),
+])
+def test_bad_sharding_variables_are_named(monkeypatch, env, message):
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_ARRAY_TASK_ID',
+                'SLURM_ARRAY_TASK_COUNT', 'SLURM_ARRAY_TASK_MIN'):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        airbench.shard_from_env()
 
 
 @pytest.mark.parametrize('flag', ['--epoch', '--learning-rate', '--RUNS'])

@@ -308,7 +308,8 @@ def test_fewer_than_two_runs_reports_what_it_can(tmp_path, capsys):
     lines = run_viz([out, '--all', '--stats', '--permutation', '50', '--power', '--json',
                      json_path, '--csv', str(tmp_path / 'rows.csv'),
                      '--plot', str(tmp_path / 'f.png')], capsys)
-    assert 'note: an arm has fewer than 2 complete runs, so there are no p-values yet' in lines
+    assert ('note: an arm has fewer than 2 usable runs (complete, not diverged), so there are '
+            'no p-values yet') in lines
     rows = table_rows(lines)
     assert len(rows) == 40
     i = 5
@@ -361,3 +362,43 @@ def test_power_column_for_effects_out_of_reach(tmp_path, capsys):
     z = scipy.stats.norm.isf(0.005) + scipy.stats.norm.isf(0.2)
     normal = z ** 2 * (a.var(ddof=1) + b.var(ddof=1)) / (a.mean() - b.mean()) ** 2
     assert exported > 1e6 and abs(exported - normal) <= 5  # the export keeps the number
+
+
+def test_help_and_refused_flags(planted, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        viz.main(['--help'])
+    assert info.value.code == 0 and '95% CI' in capsys.readouterr().out
+    for flags, message in ((['--alpha', '2'], '--alpha must lie strictly between 0 and 1'),
+                           (['--alpha', '0'], '--alpha must lie strictly between 0 and 1'),
+                           (['--alph', '0.5'], 'unrecognized arguments: --alph')):
+        with pytest.raises(SystemExit):
+            viz.main([planted['out'], *flags])
+        assert message in capsys.readouterr().err
+    for flag in ('--csv', '--json', '--plot'):  # an unwritable path: one line, no traceback
+        target = str(tmp_path / 'no-such-folder' / 'out.png')
+        with pytest.raises(SystemExit, match=f'error: cannot write {re.escape(target)}: '):
+            viz.main([planted['out'], flag, target])
+
+
+def test_accuracy_export_has_the_printed_sign(planted, tmp_path, capsys):
+    json_path = str(tmp_path / 'rows.json')
+    lines = run_viz([planted['out'], '--json', json_path], capsys)
+    with open(json_path) as f:
+        accuracy = json.load(f)['accuracy']
+    full, ablated = planted['test_acc']['full'], planted['test_acc']['ablated']
+    assert accuracy['removal_change'] == pytest.approx(ablated.mean() - full.mean())
+    assert accuracy['ci_low'] < accuracy['removal_change'] < accuracy['ci_high']
+    assert any(f"changes it by {accuracy['removal_change']:+.4f}" in line for line in lines)
+
+
+def test_permutation_floor_is_stated_for_few_runs(tmp_path, capsys):
+    full, ablated = planted_margins(runs=2)
+    out = str(tmp_path / 'two-each')
+    make_experiment(out, full, ablated)
+    lines = run_viz([out, '--permutation', '1000'], capsys)
+    line = next(line for line in lines if line.startswith('perm p:'))
+    assert 'with 2 + 2 runs there are only 6 distinct labellings, so p cannot fall much ' \
+           'below 0.33' in line
+    # and the p-values themselves respect that floor
+    p = viz.permutation_pvalues(full, ablated, 1000)
+    assert p.min() > 0.25
