@@ -833,6 +833,8 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
             'resume.')
         raise SystemExit(128 + signal.SIGTERM)
     except OSError as e:
+        steps_bar.close()
+        bar.close()
         raise SystemExit(f'error: writing results to {config["out"]} failed: {e}. Finished runs '
                          f'are kept; free space and rerun the same command to resume.')
     finally:

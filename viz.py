@@ -24,6 +24,8 @@ import argparse
 import csv
 import json
 import math
+import os
+import sys
 
 import numpy as np
 import scipy.stats
@@ -610,14 +612,24 @@ def side_by_side(experiments, rule, alpha):
         agree = comparable & (signs == signs[0]).all(axis=0) & (signs[0] != 0)
         both = comparable & np.array([s['selected'][rows.start:rows.stop]
                                       for _, s in experiments]).all(axis=0)
+        selected = (f'{int((agree & both).sum())} of the {int(both.sum())} selected in all agree'
+                    if both.any() else 'none is selected in all')
         lines.append(f'Sign agreement: {int(agree.sum())} of {int(comparable.sum())} examples '
-                     f'have the same sign in all experiments; {int((agree & both).sum())} of the '
-                     f'{int(both.sum())} selected in all agree')
+                     f'have the same sign in all experiments; {selected}')
     return lines
 
 
 # -----------------------------------------------------------------------------
 #                                 Main
+
+def emit(lines):
+    """Print the table. Piped into a reader that stops early (`| head`) it goes on quietly, so
+    that the files asked for are still written."""
+    try:
+        print('\n'.join(lines), flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='\n\n'.join(__doc__.split('\n\n')[:2]),
@@ -664,7 +676,7 @@ def main(argv=None):
             raise SystemExit('error: the experiments exclude different examples; side by side '
                              'needs the same random and easy indices')
         pairs = [(e, analyse(e, args.alpha, args.select)) for e in exps]
-        print('\n'.join(side_by_side(pairs, args.select, args.alpha)))
+        emit(side_by_side(pairs, args.select, args.alpha))
         return
 
     exp = exps[0]
@@ -694,7 +706,7 @@ def main(argv=None):
                  f'{args.alpha} (--all shows all {m})')
     lines += [''] + table(exp, stats, show, extra_columns(exp, stats, args), groups,
                           args.select, args.alpha)
-    print('\n'.join(lines))
+    emit(lines)
 
     try:
         if args.csv or args.json:

@@ -247,6 +247,29 @@ def test_viz_imports_neither_torch_nor_matplotlib_without_plot(planted):
     assert result.stdout.splitlines()[-1] == 'False False'
 
 
+def test_a_reader_that_stops_early_leaves_no_traceback_and_the_files_are_written(planted,
+                                                                                  tmp_path):
+    # `python viz.py DIR --csv F | head`: the pipe is closed here before viz.py prints anything
+    out = str(tmp_path / 'rows.csv')
+    proc = subprocess.Popen([sys.executable, 'viz.py', planted['out'], '--all', '--csv', out],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, stderr
+    assert 'Traceback' not in stderr and 'BrokenPipe' not in stderr
+    assert len(list(csv.reader(line for line in open(out) if not line.startswith('#')))) == 41
+
+
+def test_side_by_side_with_nothing_selected_in_both(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    for k in range(2):  # no planted effect, few runs: nothing passes p < 0.01 in both
+        make_experiment(str(tmp_path / f'exp{k}'), rng.normal(3, 0.5, (4, 40)),
+                        rng.normal(3, 0.5, (4, 40)), seed=k)
+    lines = run_viz([str(tmp_path / 'exp0'), str(tmp_path / 'exp1'), '--alpha', '1e-9'], capsys)
+    agreement = [line for line in lines if line.startswith('Sign agreement')]
+    assert len(agreement) == 2 and all(a.endswith('; none is selected in all') for a in agreement)
+
+
 def test_side_by_side(tmp_path, capsys):
     rng = np.random.default_rng(12)
     effects_1 = np.r_[np.zeros(16), [1.0, -1.0, 1.0, -1.0], -np.ones(20)]
@@ -281,7 +304,8 @@ def test_side_by_side(tmp_path, capsys):
         both = (p[:, cols] < 0.01).all(axis=0)
         both_same = (both & (np.sign(diffs[0, cols]) == np.sign(diffs[1, cols]))).sum()
         assert group.startswith(f'Sign agreement: {same} of 20 examples')
-        assert group.endswith(f'{both_same} of the {both.sum()} selected in all agree')
+        assert group.endswith(f'{both_same} of the {both.sum()} selected in all agree'
+                              if both.any() else 'none is selected in all')
     assert agreement[1].endswith('18 of the 20 selected in all agree')  # as planted
     means = [line.split()[2:] for line in lines if line.startswith('Mean (all):')]
     for k in range(2):
