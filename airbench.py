@@ -803,6 +803,7 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
             steps_bar.reset(total=steps)
         steps_bar.update(1)
 
+    stopped = False
     try:
         for start in range(0, len(todo), K):
             if stop_requested:
@@ -827,21 +828,19 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
             bar.set_postfix_str(f'{chunk[-1][0]} {chunk[-1][1]}: test acc {acc:.4f}')
             bar.update(len(chunk))
     except Stop:
-        steps_bar.close()
-        bar.close()
-        log('stopped by SIGTERM; the run in flight was abandoned. Rerun the same command to '
-            'resume.')
-        raise SystemExit(128 + signal.SIGTERM)
+        stopped = True
     except OSError as e:
-        steps_bar.close()
-        bar.close()
         raise SystemExit(f'error: writing results to {config["out"]} failed: {e}. Finished runs '
                          f'are kept; free space and rerun the same command to resume.')
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         part.close()
-    steps_bar.close()
-    bar.close()
+        steps_bar.close()  # before any message that ends the process, so it is not drawn over
+        bar.close()
+    if stopped:
+        log('stopped by SIGTERM; the run in flight was abandoned. Rerun the same command to '
+            'resume.')
+        raise SystemExit(128 + signal.SIGTERM)
     diverged = sum(row.get('status') == 'diverged' for arm in store.ARMS for row in part.rows(arm))
     if diverged:
         log(f'warning: {diverged} of the runs in {part.folder} diverged (non-finite logits or '
