@@ -526,6 +526,11 @@ def check_airbench94(config, data):
     if total_steps(config['epochs'], data['full_size'], config['batch_size']) < config['ema_every']:
         raise SystemExit(f'error: fewer training steps than ema_every ({config["ema_every"]}): '
                          f'the lookahead average would never take a step; train longer')
+    if len(config['widths']) != 3:
+        raise SystemExit(f'error: widths must be three channel counts (the conv groups), got '
+                         f'{config["widths"]}')
+    if not 0 <= config['cutout'] <= 32:
+        raise SystemExit(f'error: cutout must lie in [0, 32] pixels, got {config["cutout"]}')
     if not 1 <= config['whiten_images'] <= len(data['shared_indices']):
         raise SystemExit(f'error: whiten_images must lie in [1, {len(data["shared_indices"])}], '
                          f'got {config["whiten_images"]}')
@@ -740,7 +745,7 @@ def train_and_evaluate(train_fn, data, seeds, train_indices, config, device, on_
 
 
 class Stop(Exception):
-    """Raised between training steps after SIGTERM: the run in flight is abandoned."""
+    """Raised between training steps after SIGTERM or Ctrl-C: the run in flight is abandoned."""
 
 
 def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, doc=None,
@@ -761,6 +766,10 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
                              f'got {config[key]}')
     if not config['epochs'] > 0:
         raise SystemExit(f'error: --epochs must be positive, got {config["epochs"]}')
+    if config['tta_level'] not in (0, 1, 2):
+        raise SystemExit(f'error: --tta-level must be 0, 1 or 2, got {config["tta_level"]}')
+    if not 0 <= config['min_test_acc'] <= 1:
+        raise SystemExit(f'error: --min-test-acc must lie in [0, 1], got {config["min_test_acc"]}')
     if config['compile'] not in ('auto', 'on', 'off'):
         raise SystemExit(f'error: --compile must be auto, on or off, got {config["compile"]!r}')
     if not config['out']:
@@ -791,10 +800,23 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
     log(f'{config["out"]}: preset {config["preset"]}, {len(todo)} runs to train on {device}'
         + (f' (shard {shard} of {num_shards})' if num_shards > 1 else ''))
 
+    # SIGTERM (preemption) and Ctrl-C: the run in flight is abandoned at its next step, and a
+    # second Ctrl-C interrupts at once.
     stop_requested = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-    bar = tqdm(total=len(todo), unit='run', dynamic_ncols=True)
-    steps_bar = tqdm(unit='step', leave=False, dynamic_ncols=True, position=1)
+
+    def request_stop(signum, frame):
+        stop_requested.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous_handlers = {sig: signal.signal(sig, request_stop)
+                         for sig in (signal.SIGTERM, signal.SIGINT)}
+    # In a terminal: a bar of runs and one of the current run's steps. In a log file (a SLURM
+    # job's, say) carriage returns pile up, so there: the runs bar at most once a minute.
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=len(todo), unit='run', dynamic_ncols=True,
+               mininterval=0.1 if interactive else 60)
+    steps_bar = tqdm(unit='step', leave=False, dynamic_ncols=True, position=1,
+                     disable=not interactive)
 
     def on_step(step, steps):
         if stop_requested:
@@ -825,7 +847,8 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
                 if diverged:
                     log(f'warning: {arm} run {slot} diverged (test accuracy {acc:.3f}, '
                         f'finite logits: {bool(finite[k])}); recorded, and skipped by viz.py')
-            bar.set_postfix_str(f'{chunk[-1][0]} {chunk[-1][1]}: test acc {acc:.4f}')
+            bar.set_postfix_str(f'{chunk[-1][0]} {chunk[-1][1]}: test acc {acc:.4f}',
+                                refresh=interactive)
             bar.update(len(chunk))
     except Stop:
         stopped = True
@@ -833,14 +856,16 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
         raise SystemExit(f'error: writing results to {config["out"]} failed: {e}. Finished runs '
                          f'are kept; free space and rerun the same command to resume.')
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         part.close()
         steps_bar.close()  # before any message that ends the process, so it is not drawn over
         bar.close()
     if stopped:
-        log('stopped by SIGTERM; the run in flight was abandoned. Rerun the same command to '
-            'resume.')
-        raise SystemExit(128 + signal.SIGTERM)
+        signum = stop_requested[0]
+        log(f'stopped by {signal.Signals(signum).name}; the run in flight was abandoned. Rerun '
+            f'the same command to resume.')
+        raise SystemExit(128 + signum)
     diverged = sum(row.get('status') == 'diverged' for arm in store.ARMS for row in part.rows(arm))
     if diverged:
         log(f'warning: {diverged} of the runs in {part.folder} diverged (non-finite logits or '

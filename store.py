@@ -359,8 +359,11 @@ def _open_locked(out, folder, lock, config, n_train, runs, shard, num_shards, ig
                                  labels={str(i): int(y) for i, y in (labels or {}).items()},
                                  sessions=[], rows={arm: [] for arm in ARMS}))
     # The latest settings: they differ from the stored ones in ignore_keys only (a raised
-    # --runs, another --device, ...); each session's own command stays in 'sessions'.
-    mine.meta['config'] = config
+    # --runs, another --device, ...); each session's own command stays in 'sessions'. A
+    # lowered --runs trains nothing and removes nothing, so the stored runs never fall below
+    # the slots this part holds.
+    held = max((row['slot'] + 1 for arm in ARMS for row in mine.rows(arm)), default=0)
+    mine.meta['config'] = dict(config, runs=max(config['runs'], held))
     mine._lock = lock
     if session is not None:
         mine.meta['sessions'].append(dict(session, started=time.strftime('%Y-%m-%dT%H:%M:%S'),
@@ -383,6 +386,8 @@ def read_experiment(out):
     'row'), sorted by slot. A slot completed by two parts (possible only when two launches with
     different shard counts overlapped) is counted once.
     """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise StoreError(f'{out} is a file, not an experiment folder (such as logits/airbench)')
     if not os.path.isdir(out):
         raise StoreError(f'{out} does not exist; train first (python trainer_airbench.py)')
     parts = find_parts(out)

@@ -122,7 +122,10 @@ def cutout_size(config):
 
 def check_config(config, data=None):
     """Settings this recipe cannot train with: a learning-rate peak outside the training (the
-    triangle would be malformed), or not four widths."""
+    triangle would be malformed), not four widths, or a cutout square that does not fit."""
+    if not 0 <= config['cutout_size'] <= 32:
+        raise SystemExit(f'error: cutout_size must lie in [0, 32] pixels, got '
+                         f'{config["cutout_size"]}')
     if len(config['widths']) != 4:
         raise SystemExit(f'error: widths must be four channel counts (stem, stage 1, stage 2, '
                          f'last conv), got {config["widths"]}')

@@ -395,7 +395,7 @@ def table(exp, stats, show, extras=(), summaries=None, rule=None, alpha=None):
                 lines.append((f"{exp['indices'][i]:<16d}{stats['mean_a'][i]:<8.3f}"
                               f"{stats['mean_b'][i]:<16.3f}{stats['diff'][i]:<+32.3f}{p}").rstrip())
         shown = [stats['diff'][i] for i in rows if show[i]]
-        average = f'{np.mean(shown):+.3f}' if shown else 'n/a (no rows)'
+        average = fmt(float(np.mean(shown)), '+.3f') if shown else 'n/a (no rows)'
         lines.append(f"{'Average:':<40s}{average}")
         if summaries is not None:
             g = summaries[group]
@@ -662,6 +662,15 @@ def main(argv=None):
         parser.error('--permutation needs K >= 0 shuffles')
     if not 0 < args.alpha < 1:
         parser.error(f'--alpha must lie strictly between 0 and 1, got {args.alpha}')
+    if args.seed < 0:
+        parser.error(f'--seed must be 0 or more, got {args.seed}')
+    if args.plot:  # the format follows the extension: refuse an unknown one before any work
+        from matplotlib.backend_bases import FigureCanvasBase
+        formats = FigureCanvasBase.get_supported_filetypes()
+        extension = os.path.splitext(args.plot)[1].lstrip('.').lower()
+        if extension and extension not in formats:
+            parser.error(f'--plot {args.plot}: matplotlib cannot write .{extension} files '
+                         f'(it can: {", ".join(sorted(formats))})')
     try:
         exps = [load(path) for path in args.experiment]
     except store.StoreError as e:
@@ -671,7 +680,7 @@ def main(argv=None):
         single = [flag for flag in ('stats', 'permutation', 'power', 'csv', 'json', 'plot')
                   if getattr(args, flag)]
         if single:
-            parser.error(f"--{', --'.join(single)} need a single experiment")
+            parser.error(f"--{', --'.join(single)} need a single experiment, not several")
         if any(e['groups'] != exps[0]['groups'] for e in exps):
             raise SystemExit('error: the experiments exclude different examples; side by side '
                              'needs the same random and easy indices')

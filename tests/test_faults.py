@@ -34,7 +34,9 @@ def wait_for_complete_row(folder, proc, timeout=600):
     raise AssertionError('no run completed in time')
 
 
-def test_sigterm_abandons_the_run_in_flight_then_resume_completes(tiny_data, tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])  # preemption, Ctrl-C
+def test_a_stop_signal_abandons_the_run_in_flight_then_resume_completes(tiny_data, tmp_path,
+                                                                         signum):
     out = str(tmp_path / 'exp')
     command = [sys.executable, 'trainer_airbench.py', *args_for(tiny_data, out, runs=3,
                                                                 epochs=40.0)]
@@ -42,11 +44,11 @@ def test_sigterm_abandons_the_run_in_flight_then_resume_completes(tiny_data, tmp
                             stderr=subprocess.PIPE, text=True)
     wait_for_complete_row(out, proc)
     t0 = time.time()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     stderr = proc.communicate(timeout=60)[1]
     assert time.time() - t0 < 20  # it did not wait for the whole experiment
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert 'stopped by SIGTERM' in stderr and 'Traceback' not in stderr
+    assert proc.returncode == 128 + signum
+    assert f'stopped by {signal.Signals(signum).name}' in stderr and 'Traceback' not in stderr
     meta = read_meta(out)
     done = sum(r['complete'] for arm in store.ARMS for r in meta['rows'][arm])
     assert 1 <= done < 6
@@ -106,6 +108,9 @@ def test_raising_runs_extends_the_experiment(tiny_data, tmp_path):
     assert [r['slot'] for r in read_meta(out)['rows']['ablated']] == [0, 1, 2]
     assert all(r['complete'] for r in read_meta(out)['rows']['ablated'])
     assert read_meta(out)['config']['runs'] == 3  # the stored settings say so too
+    # a lowered --runs trains and removes nothing, and the stored settings still say 3
+    trainer_airbench.main(args_for(tiny_data, out, runs=1))
+    assert read_meta(out)['config']['runs'] == 3 and len(read_meta(out)['rows']['full']) == 3
 
 
 def test_full_disk_while_writing_a_row_keeps_the_store_usable(tiny_data, tmp_path, monkeypatch):

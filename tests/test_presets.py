@@ -4,6 +4,8 @@ The trainers check their settings against the data (e.g. airbench94 whitens from
 images that are in both arms), and the tests' tiny datasets do not have CIFAR-10's sizes; so
 without this a shipped preset could be refused only when a user runs it on the real data.
 """
+import os
+
 import pytest
 import torch
 
@@ -46,3 +48,27 @@ def test_the_check_refuses_more_whitening_images_than_both_arms_share():
     with pytest.raises(SystemExit, match=r'whiten_images must lie in \[1, 4980\], got 4981'):
         checked(trainer_airbench, airbench.check_airbench94,
                 ['--preset', 'cpu', '--whiten-images', '4981'])
+
+
+@pytest.mark.parametrize('trainer, argv, message', [
+    ('airbench', ['--widths', '[16,32]'], 'widths must be three channel counts'),
+    ('airbench', ['--cutout', '-1'], r'cutout must lie in \[0, 32\]'),
+    ('madry', ['--cutout-size', '33'], r'cutout_size must lie in \[0, 32\]'),
+    ('madry', ['--widths', '[16,32,64]'], 'widths must be four channel counts'),
+])
+def test_recipe_checks_refuse_impossible_settings(trainer, argv, message):
+    module, check = CHECKS[trainer]
+    with pytest.raises(SystemExit, match=message):
+        checked(module, check, ['--preset', 'smoke', *argv])
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--tta-level', '7'], 'tta-level must be 0, 1 or 2, got 7'),
+    (['--min-test-acc', '2'], r'min-test-acc must lie in \[0, 1\], got 2.0'),
+])
+def test_impossible_settings_are_refused_before_anything_is_written(tmp_path, argv, message):
+    out = str(tmp_path / 'exp')
+    for module, _ in CHECKS.values():
+        with pytest.raises(SystemExit, match=message):
+            module.main(['--preset', 'smoke', '--out', out, '--data-dir', str(tmp_path), *argv])
+        assert not os.path.exists(out)

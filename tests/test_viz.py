@@ -394,7 +394,9 @@ def test_help_and_refused_flags(planted, tmp_path, capsys):
     assert info.value.code == 0 and '95% CI' in capsys.readouterr().out
     for flags, message in ((['--alpha', '2'], '--alpha must lie strictly between 0 and 1'),
                            (['--alpha', '0'], '--alpha must lie strictly between 0 and 1'),
-                           (['--alph', '0.5'], 'unrecognized arguments: --alph')):
+                           (['--alph', '0.5'], 'unrecognized arguments: --alph'),
+                           (['--permutation', '10', '--seed', '-1'], '--seed must be 0 or more'),
+                           (['--plot', str(tmp_path / 'f.xyz')], 'cannot write .xyz files')):
         with pytest.raises(SystemExit):
             viz.main([planted['out'], *flags])
         assert message in capsys.readouterr().err
@@ -402,6 +404,9 @@ def test_help_and_refused_flags(planted, tmp_path, capsys):
         target = str(tmp_path / 'no-such-folder' / 'out.png')
         with pytest.raises(SystemExit, match=f'error: cannot write {re.escape(target)}: '):
             viz.main([planted['out'], flag, target])
+    assert not os.path.exists(tmp_path / 'f.xyz')
+    with pytest.raises(SystemExit, match='is a file, not an experiment folder'):
+        viz.main([os.path.join(planted['out'], 'meta.json')])
 
 
 def test_accuracy_export_has_the_printed_sign(planted, tmp_path, capsys):
