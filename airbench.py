@@ -766,6 +766,10 @@ def run_experiment(name, defaults, presets, train_fn, source_files, argv=None, d
                              f'got {config[key]}')
     if not config['epochs'] > 0:
         raise SystemExit(f'error: --epochs must be positive, got {config["epochs"]}')
+    if not config['lr'] > 0:
+        raise SystemExit(f'error: --lr must be positive, got {config["lr"]}')
+    if not 0 <= config['momentum'] < 1:
+        raise SystemExit(f'error: --momentum must lie in [0, 1), got {config["momentum"]}')
     if config['tta_level'] not in (0, 1, 2):
         raise SystemExit(f'error: --tta-level must be 0, 1 or 2, got {config["tta_level"]}')
     if not 0 <= config['min_test_acc'] <= 1:

@@ -64,6 +64,8 @@ def test_recipe_checks_refuse_impossible_settings(trainer, argv, message):
 
 @pytest.mark.parametrize('argv, message', [
     (['--tta-level', '7'], 'tta-level must be 0, 1 or 2, got 7'),
+    (['--lr', '0'], 'lr must be positive, got 0.0'),
+    (['--momentum', '1'], r'momentum must lie in \[0, 1\), got 1.0'),
     (['--min-test-acc', '2'], r'min-test-acc must lie in \[0, 1\], got 2.0'),
 ])
 def test_impossible_settings_are_refused_before_anything_is_written(tmp_path, argv, message):
