@@ -163,10 +163,10 @@ def open_array(path, expect_rows=None, expect_n_train=None):
 class Part:
     """The part of an experiment that one process writes: two arrays and a meta.json."""
 
-    def __init__(self, folder, meta, lock=None):
+    def __init__(self, folder, meta):
         self.folder = folder
         self.meta = meta
-        self._lock = lock  # the open lock file while this process writes the part
+        self._lock = None  # set by open_for_writing: the lock file, held while writing
 
     def close(self):
         """Release the part's lock (also released by the OS when the process ends)."""
